@@ -1,0 +1,70 @@
+"""Command line: ``python -m mixq <command> ...``.
+
+Commands:
+    mnist [--json PATH] [--smoke] [--figure PATH]   train + quantize the MNIST MLP, print the table
+    bench gemm [ARGS...]                            GEMM benchmarks (forwarded to mixq.bench.main)
+
+Thin on purpose: every command parses its flags and calls one library function.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _cmd_mnist(args: argparse.Namespace) -> int:
+    from mixq import mnist
+
+    t0 = time.perf_counter()
+    figure = args.figure or mnist.DEFAULT_FIGURE
+    rows = mnist.run_pipeline(smoke=True if args.smoke else None, json_path=args.json,
+                              figure_path=figure)
+    print(mnist.format_table(rows))
+    print(f"\nwall time: {time.perf_counter() - t0:.1f} s"
+          + (f"; rows written to {args.json}" if args.json else "")
+          + f"; figure {figure}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from mixq import bench  # lazy: pulls in the kernels
+    except ModuleNotFoundError as e:
+        if e.name != "mixq.bench":
+            raise
+        print("python -m mixq bench: mixq.bench is not available in this install", file=sys.stderr)
+        return 2
+    rc = bench.main([args.what, *args.rest])
+    return int(rc or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``python -m mixq``."""
+    parser = argparse.ArgumentParser(prog="python -m mixq",
+                                     description="mixq: W4A4 quantization with FP16 outliers")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("mnist", help="train, quantize and evaluate the MNIST MLP")
+    p.add_argument("--json", metavar="PATH", default=None, help="write the rows as JSON here")
+    p.add_argument("--smoke", action="store_true",
+                   help="small and fast run (also on with MIXQ_SMOKE=1)")
+    p.add_argument("--figure", metavar="PATH", default=None,
+                   help="accuracy-vs-outliers plot (default: figures/mnist_accuracy_vs_outliers.png)")
+    p.set_defaults(func=_cmd_mnist)
+
+    p = sub.add_parser("bench", help="benchmarks (mixq.bench)")
+    p.add_argument("what", choices=["gemm"], help="which benchmark")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for mixq.bench.main")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

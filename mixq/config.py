@@ -1,0 +1,331 @@
+"""Dataclass configs: *what* to quantize and *how*, separate from the code that does it.
+
+`QuantSpec` describes one uniform quantizer (bits, symmetric or not, granularity). Every
+quantizer in mixq -- the fake-quant reference, the Triton kernels, the PTQ methods -- takes a
+`QuantSpec`, so a spec means the same grid everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Granularity = Literal["tensor", "row", "group", "tile"]
+GRANULARITIES: tuple[str, ...] = ("tensor", "row", "group", "tile")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One uniform round-to-nearest quantizer.
+
+    Args:
+        bits: integer width, 2..8 (4 and 8 are the ones kernels implement).
+        symmetric: True -> signed grid [-2^(b-1), 2^(b-1)-1] with scale = absmax / (2^(b-1)-1)
+            and no zero point; False -> unsigned grid [0, 2^b-1] with a zero point.
+        granularity: which elements share one scale, for a 2-D tensor (rows, cols) = (N, K):
+            "tensor" one scale; "row" one per row (per output channel of a weight, per token of
+            an activation); "group" one per `group_size` consecutive elements of a row;
+            "tile" one per `tile` = (tile_rows, tile_cols) block.
+        group_size: elements per group along the last dim (granularity="group"), 16..4096.
+        tile: (rows, cols) of one tile (granularity="tile"); must divide the matrix.
+    """
+
+    bits: int = 4
+    symmetric: bool = True
+    granularity: Granularity = "row"
+    group_size: int = 128
+    tile: tuple[int, int] = (8, 8)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"QuantSpec.bits must be an int in 2..8, got {self.bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"QuantSpec.granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity == "group" and not (
+                isinstance(self.group_size, int) and 16 <= self.group_size <= 4096):
+            raise ValueError(f"QuantSpec.group_size must be an int in 16..4096, got {self.group_size!r}")
+        if self.granularity == "tile":
+            if (len(self.tile) != 2 or not all(isinstance(t, int) and t > 0 for t in self.tile)):
+                raise ValueError(f"QuantSpec.tile must be two positive ints, got {self.tile!r}")
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer on the grid."""
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer on the grid."""
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
+
+    def describe(self) -> str:
+        """Short human name, e.g. 'int4-sym-g128' or 'int8-asym-row'."""
+        kind = {"tensor": "tensor", "row": "row", "group": f"g{self.group_size}",
+                "tile": f"tile{self.tile[0]}x{self.tile[1]}"}[self.granularity]
+        return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{kind}"
+
+
+# ---------------------------------------------------------------------------------------------
+# QuantConfig: how a whole model is quantized (mixq.quantize)
+# ---------------------------------------------------------------------------------------------
+
+import dataclasses as _dc
+import importlib as _importlib
+from typing import Any as _Any
+
+MODES: tuple[str, ...] = ("w4a4", "w4a16", "w8a8", "fp16")
+OUTLIER_STRATEGIES: tuple[str, ...] = ("calib_max", "max", "mean3std", "argmax")
+#: Short names of the linear kinds, Llama family then OPT (see `mixq.models`).
+LLAMA_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+OPT_TARGETS: tuple[str, ...] = ("q", "k", "v", "out", "fc1", "fc2")
+ALL_TARGETS: tuple[str, ...] = LLAMA_TARGETS + ("out", "fc1", "fc2")
+_AUTO = "auto"
+
+
+def _default_specs(mode: str) -> tuple["QuantSpec | None", "QuantSpec | None"]:
+    """(weight spec, activation spec) used when `QuantConfig.w` / `.a` are left at "auto"."""
+    return {
+        "w4a4": (QuantSpec(4, True, "group", 128), QuantSpec(4, True, "row")),
+        "w4a16": (QuantSpec(4, True, "group", 128), None),
+        "w8a8": (QuantSpec(8, True, "row"), QuantSpec(8, True, "row")),
+        "fp16": (None, None),
+    }[mode]
+
+
+def _spec_to_dict(spec: "QuantSpec | None") -> "dict | None":
+    return None if spec is None else {"bits": spec.bits, "symmetric": spec.symmetric,
+                                      "granularity": spec.granularity,
+                                      "group_size": spec.group_size, "tile": list(spec.tile)}
+
+
+def _spec_from_dict(d: "dict | None", what: str) -> "QuantSpec | None":
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a dict of QuantSpec fields or null, got {d!r}")
+    try:
+        return QuantSpec(**{**d, "tile": tuple(d.get("tile", (8, 8)))})
+    except TypeError as e:
+        raise ValueError(f"{what}: bad QuantSpec fields {sorted(d)}: {e}") from None
+
+
+def _encode(v: _Any) -> _Any:
+    """JSON-able form of a method parameter (QuantSpec, tuples, nested dataclasses)."""
+    if isinstance(v, QuantSpec):
+        return {"__quantspec__": _spec_to_dict(v)}
+    if _dc.is_dataclass(v) and not isinstance(v, type):
+        return {"__method__": _method_to_dict(v)}
+    if isinstance(v, (list, tuple)):
+        return [_encode(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _encode(x) for k, x in v.items()}
+    return v
+
+
+def _decode(v: _Any) -> _Any:
+    """Inverse of `_encode` (lists come back as tuples: method configs are frozen/hashable)."""
+    if isinstance(v, dict):
+        if set(v) == {"__quantspec__"}:
+            return _spec_from_dict(v["__quantspec__"], "method parameter")
+        if set(v) == {"__method__"}:
+            return _method_from_dict(v["__method__"])
+        return {k: _decode(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return tuple(_decode(x) for x in v)
+    return v
+
+
+def _method_to_dict(m: _Any) -> dict:
+    if not (_dc.is_dataclass(m) and not isinstance(m, type)):
+        raise TypeError(f"QuantConfig.methods entries must be method dataclass instances, "
+                        f"got {type(m).__name__}")
+    params = {f.name: _encode(getattr(m, f.name)) for f in _dc.fields(m) if f.init}
+    return {"class": type(m).__name__, "module": type(m).__module__, "params": params}
+
+
+def _method_from_dict(d: dict) -> _Any:
+    if not isinstance(d, dict) or not {"class", "module", "params"} <= set(d):
+        raise ValueError(f"a method entry must be {{'class', 'module', 'params'}}, got {d!r}")
+    module = str(d["module"])
+    if module != "mixq.methods" and not module.startswith("mixq.methods."):
+        raise ValueError(f"method module must be inside mixq.methods, got {module!r}")
+    try:
+        cls = getattr(_importlib.import_module(module), d["class"])
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"unknown method {module}.{d['class']}: {e}") from None
+    return cls(**{k: _decode(v) for k, v in d["params"].items()})
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What `mixq.quantize` does to a causal LM: which linears, which grid, which methods.
+
+    Args:
+        w: weight quantizer. "auto" (default) = int4 symmetric groups of 128 (w4a4, w4a16) or
+            int8 per row (w8a8); None for mode "fp16". W4A4 needs a symmetric <=4-bit spec;
+            W4A16 any <=4-bit spec; W8A8 int8 symmetric "row". A K that the group size does
+            not divide is zero-padded (`mixq.nn`).
+        a: activation quantizer, per token (granularity "row", symmetric). "auto" = int4 (w4a4),
+            int8 (w8a8), None (w4a16, fp16: weight-only / no quantization).
+        mode: "w4a4" (int4 x int4 + FP16 outlier channels), "w4a16" (weight-only int4),
+            "w8a8", "fp16" (linears cast to fp16; a baseline).
+        outlier_frac: fraction in [0, 0.5] of each linear's input channels kept in FP16
+            (w4a4 only): k = ceil(outlier_frac * K); the other K - k channels are int4.
+        outlier_strategy: how outlier channels are ranked: "calib_max" (calibration max |x|
+            per channel; needs calibration data) or a salient-weight strategy "max",
+            "mean3std", "argmax" (`mixq.outliers.salient_weight_channels`, no data needed).
+        methods: method configs from `mixq.methods` (frozen dataclasses with ``apply(ctx)``),
+            applied in order on every decoder layer before the weights are quantized.
+        targets: linear kinds to quantize, a subset of `ALL_TARGETS` (Llama q, k, v, o, gate,
+            up, down; OPT q, k, v, out, fc1, fc2). Default: all.
+        skip: fnmatch patterns of qualified module names left in float, e.g.
+            ``("model.layers.0.*", "*.down_proj")``.
+        layer_overrides: {fnmatch pattern of qualified name: weight QuantSpec}, first match wins
+            (layer-wise mixed precision). In w4a4/w4a16 an override with bits <= 4 changes the
+            weight grid; bits == 8 (symmetric, "row") turns that linear into W8A8.
+        quantize_lm_head: also quantize lm_head (with `w`, weight-only int4 / the mode's module).
+    """
+
+    w: "QuantSpec | None | str" = _AUTO
+    a: "QuantSpec | None | str" = _AUTO
+    mode: str = "w4a4"
+    outlier_frac: float = 0.0
+    outlier_strategy: str = "calib_max"
+    methods: tuple = ()
+    targets: tuple[str, ...] = ALL_TARGETS
+    skip: tuple[str, ...] = ()
+    layer_overrides: dict = _dc.field(default_factory=dict)
+    quantize_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
+        if not isinstance(self.mode, str) or self.mode.lower() not in MODES:
+            raise ValueError(f"QuantConfig.mode must be one of {MODES}, got {self.mode!r}")
+        set_("mode", self.mode.lower())
+        w_def, a_def = _default_specs(self.mode)
+        if isinstance(self.w, str) and self.w == _AUTO:
+            set_("w", w_def)
+        if isinstance(self.a, str) and self.a == _AUTO:
+            set_("a", a_def)
+        self._check_specs()
+        frac = self.outlier_frac
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 0.5:
+            raise ValueError(f"QuantConfig.outlier_frac must be a number in [0, 0.5], got {frac!r}")
+        set_("outlier_frac", float(frac))
+        if frac > 0 and self.mode != "w4a4":
+            raise ValueError(f"QuantConfig.outlier_frac > 0 needs mode 'w4a4' (FP16 outlier "
+                             f"channels), got mode {self.mode!r}")
+        if self.outlier_strategy not in OUTLIER_STRATEGIES:
+            raise ValueError(f"QuantConfig.outlier_strategy must be one of {OUTLIER_STRATEGIES}, "
+                             f"got {self.outlier_strategy!r}")
+        if isinstance(self.methods, (str, bytes)) or not isinstance(self.methods, (tuple, list)):
+            raise TypeError(f"QuantConfig.methods must be a tuple of method configs, "
+                            f"got {type(self.methods).__name__}")
+        for i, m in enumerate(self.methods):
+            if not callable(getattr(m, "apply", None)):
+                raise TypeError(f"QuantConfig.methods[{i}] ({type(m).__name__}) has no apply(ctx)")
+        set_("methods", tuple(self.methods))
+        for name in ("targets", "skip"):
+            v = getattr(self, name)
+            if isinstance(v, str) or not isinstance(v, (tuple, list)) or \
+                    not all(isinstance(t, str) for t in v):
+                raise TypeError(f"QuantConfig.{name} must be a tuple of str, got {v!r}")
+            set_(name, tuple(v))
+        bad = [t for t in self.targets if t not in ALL_TARGETS]
+        if bad or not self.targets:
+            raise ValueError(f"QuantConfig.targets must be a non-empty subset of {ALL_TARGETS}, "
+                             f"got {self.targets!r}")
+        if not isinstance(self.layer_overrides, dict):
+            raise TypeError(f"QuantConfig.layer_overrides must be a dict {{pattern: QuantSpec}}, "
+                            f"got {type(self.layer_overrides).__name__}")
+        for pat, spec in self.layer_overrides.items():
+            if not isinstance(pat, str) or not isinstance(spec, QuantSpec):
+                raise TypeError(f"QuantConfig.layer_overrides must map str -> QuantSpec, "
+                                f"got {pat!r}: {type(spec).__name__}")
+            self._check_override(pat, spec)
+        set_("layer_overrides", dict(self.layer_overrides))
+        if not isinstance(self.quantize_lm_head, bool):
+            raise TypeError(f"QuantConfig.quantize_lm_head must be a bool, "
+                            f"got {self.quantize_lm_head!r}")
+
+    # -- validation helpers
+    def _check_specs(self) -> None:
+        w, a, mode = self.w, self.a, self.mode
+        for name, s in (("w", w), ("a", a)):
+            if s is not None and not isinstance(s, QuantSpec):
+                raise TypeError(f"QuantConfig.{name} must be a QuantSpec, None or 'auto', "
+                                f"got {s!r}")
+        if mode == "fp16":
+            if w is not None or a is not None:
+                raise ValueError("QuantConfig mode 'fp16' quantizes nothing: leave w and a at "
+                                 f"'auto' or None, got w={w!r}, a={a!r}")
+            return
+        if w is None:
+            raise ValueError(f"QuantConfig.w must be a QuantSpec for mode {mode!r}, got None")
+        if mode == "w4a16":
+            if w.bits > 4:
+                raise ValueError(f"QuantConfig.w must have bits <= 4 for w4a16, got {w.describe()}")
+            if a is not None:
+                raise ValueError(f"QuantConfig.a must be None for weight-only mode 'w4a16', "
+                                 f"got {a.describe()}")
+            return
+        if a is None:
+            raise ValueError(f"QuantConfig.a must be a per-token QuantSpec for mode {mode!r}")
+        if a.granularity != "row" or not a.symmetric:
+            raise ValueError(f"QuantConfig.a must be symmetric per token (granularity 'row'), "
+                             f"got {a.describe()}")
+        if mode == "w4a4":
+            if w.bits > 4 or not w.symmetric:
+                raise ValueError(f"QuantConfig.w must be symmetric with bits <= 4 for w4a4, "
+                                 f"got {w.describe()}")
+        else:  # w8a8
+            if w != QuantSpec(8, True, "row", w.group_size, w.tile) or a.bits != 8:
+                raise ValueError(f"w8a8 needs w = int8 symmetric 'row' and a.bits = 8, got "
+                                 f"w={w.describe()}, a={a.describe()}")
+
+    def _check_override(self, pat: str, spec: QuantSpec) -> None:
+        if self.mode in ("fp16", "w8a8"):
+            raise ValueError(f"QuantConfig.layer_overrides are for w4a4/w4a16, got mode {self.mode!r}")
+        if spec.bits == 8:
+            if not spec.symmetric or spec.granularity != "row":
+                raise ValueError(f"layer_overrides[{pat!r}]: an 8-bit override means W8A8 and must "
+                                 f"be symmetric 'row', got {spec.describe()}")
+        elif spec.bits > 4:
+            raise ValueError(f"layer_overrides[{pat!r}] must have bits <= 4 or == 8 (no module "
+                             f"for {spec.bits} bits), got {spec.describe()}")
+        elif self.mode == "w4a4" and not spec.symmetric:
+            raise ValueError(f"layer_overrides[{pat!r}] must be symmetric in w4a4, "
+                             f"got {spec.describe()}")
+
+    # -- serialisation
+    def to_dict(self) -> dict:
+        """JSON-able dict (QuantSpecs as field dicts, methods as {class, module, params})."""
+        return {"w": _spec_to_dict(self.w), "a": _spec_to_dict(self.a), "mode": self.mode,
+                "outlier_frac": self.outlier_frac, "outlier_strategy": self.outlier_strategy,
+                "methods": [_method_to_dict(m) for m in self.methods],
+                "targets": list(self.targets), "skip": list(self.skip),
+                "layer_overrides": {k: _spec_to_dict(v) for k, v in self.layer_overrides.items()},
+                "quantize_lm_head": self.quantize_lm_head}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        """Inverse of `to_dict`; unknown keys or bad values raise ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"QuantConfig.from_dict needs a dict, got {type(d).__name__}")
+        known = {f.name for f in _dc.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"QuantConfig.from_dict: unknown keys {unknown} (known: {sorted(known)})")
+        kw = dict(d)
+        for k in ("w", "a"):
+            if k in kw and kw[k] != _AUTO:
+                kw[k] = _spec_from_dict(kw[k], f"QuantConfig.{k}")
+        if "methods" in kw:
+            kw["methods"] = tuple(_method_from_dict(m) for m in kw["methods"])
+        for k in ("targets", "skip"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        if "layer_overrides" in kw:
+            kw["layer_overrides"] = {p: _spec_from_dict(s, f"layer_overrides[{p!r}]")
+                                     for p, s in kw["layer_overrides"].items()}
+        return cls(**kw)

@@ -1,0 +1,430 @@
+"""Quantized drop-in replacements for `torch.nn.Linear`: FP16, W8A8, W4A16 and W4A4 (+ FP16 outliers).
+
+Every module is built once from a trained `nn.Linear` with ``from_linear``; the weight is quantized
+statically (int values + fp16 scales stored as buffers) and never touched again. ``forward``
+quantizes activations dynamically, per token, and does the math of `mixq.reference`:
+
+=============  ====================================  =============================================
+module         weight storage                        forward (x: (..., K) float -> (..., N))
+=============  ====================================  =============================================
+FP16Linear     W fp16/bf16 (N, K)                    y = x.half() @ W.T + b            (in fp16)
+W8A8Linear     int8 (N, K), fp16 scale (N, 1)        reference.w8a8_linear (int8 per token)
+W4A16Linear    int4 packed (N, K/2), fp16 scales     y = x.float() @ dequant(W).T + b
+W4A4Linear     int4 packed (N, Kq/2), fp16 scales,   x -> [x_reg | x_out] by the static outlier
+               W_out fp16 (N, k)                     permutation; y = Q4(x_reg) Q4(W)^T * scales
+                                                     + x_out.half() @ W_out.T + b
+=============  ====================================  =============================================
+
+Weights with "row" (per output channel) or "group" scales go through the integer reference
+(`reference.w4a4_linear`: int4 x int4 -> exact int32 accumulate, then rescale). Weights with
+"tile" (8x8 blocks) scales cannot: a tile scale changes every 8 columns along K *inside* the dot
+product of one output, so it cannot be pulled out of an integer accumulation over K (an int
+kernel would have to rescale every 8-wide K slice, i.e. fp32 accumulation of tiny int dot
+products -- no longer an int GEMM). For tile weights (and "tensor" weights, which the reference
+has no scale layout for) the module uses fake-quant with the same rounding: dequantized weights,
+per-token fake-quantized activations, an fp32 matmul -- equal to the integer math up to fp32
+summation order.
+
+All arithmetic happens in `_forward_impl(x2d) -> (M, N)`, the single place a CUDA kernel
+dispatch will hook in; ``forward`` only validates, flattens leading dims and casts the result
+back to the input dtype.
+
+Padding: when K (minus outliers) is not a multiple of the group size / tile width, the int part
+of the weight is zero-padded along K to ``k_padded`` columns (and the activations are zero-padded
+in forward): zeros change no block's absmax and add nothing to a dot product. Tile rows are not
+padded in storage; the last row of tiles simply has fewer rows. `weight_nbytes` counts the
+padded storage, i.e. what a kernel would really read.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mixq import outliers as _outliers
+from mixq import quant, reference
+from mixq.config import QuantSpec
+from mixq.validation import FLOAT_DTYPES, check_tensor
+
+DEFAULT_W4_SPEC = QuantSpec(4, True, "tile", tile=(8, 8))
+DEFAULT_W8_SPEC = QuantSpec(8, True, "row")
+
+__all__ = ["QuantLinearBase", "FP16Linear", "W8A8Linear", "W4A16Linear", "W4A4Linear",
+           "DEFAULT_W4_SPEC", "DEFAULT_W8_SPEC", "quantize_linear", "module_weight_nbytes"]
+
+
+# ----------------------------------------------------------------------------- weight helpers
+def _check_linear(linear) -> None:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+    check_tensor(linear.weight, "linear.weight", ndim=2, dtypes=FLOAT_DTYPES, finite=True)
+    if linear.bias is not None:
+        check_tensor(linear.bias, "linear.bias", ndim=1, dtypes=FLOAT_DTYPES, finite=True)
+
+
+def _check_spec(spec, name: str, *, max_bits: int, symmetric_only: bool,
+                granularities: tuple[str, ...]) -> QuantSpec:
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{name} must be a mixq.config.QuantSpec, got {type(spec).__name__}")
+    if spec.bits > max_bits:
+        raise ValueError(f"{name}.bits must be <= {max_bits} for this module, got {spec.bits}")
+    if symmetric_only and not spec.symmetric:
+        raise ValueError(f"{name} must be symmetric for this module, got {spec.describe()}")
+    if spec.granularity not in granularities:
+        raise ValueError(f"{name}.granularity must be one of {granularities}, "
+                         f"got {spec.granularity!r}")
+    return spec
+
+
+def _block_cols(spec: QuantSpec) -> int:
+    """Columns (along K) that share one scale: the unit K must be padded to."""
+    return {"group": spec.group_size, "tile": spec.tile[1]}.get(spec.granularity, 1)
+
+
+def _quantize_weight(w: torch.Tensor, spec: QuantSpec):
+    """Quantize a weight (N, K) with `spec`, zero-padding K (and tile rows) as needed.
+
+    Returns (w_q int8 (N, Kp), w_scale fp16 compact, w_zero or None, Kp) where Kp is K rounded
+    up to the block width; the scale/zero shapes are those of `quant.quantize` on the padded
+    matrix (tile: (ceil(N/tr), Kp/tc)).
+    """
+    n, k = w.shape
+    kp = math.ceil(k / _block_cols(spec)) * _block_cols(spec)
+    np_ = math.ceil(n / spec.tile[0]) * spec.tile[0] if spec.granularity == "tile" else n
+    w_pad = torch.zeros(np_, kp, dtype=torch.float32, device=w.device)
+    w_pad[:n, :k] = w.float()
+    qt = quant.quantize(w_pad, spec, scale_dtype=torch.float16)
+    zero = None if qt.zero is None else qt.zero.contiguous()
+    return qt.q[:n].contiguous(), qt.scale.contiguous(), zero, kp
+
+
+def _expand_blocks(t: torch.Tensor, spec: QuantSpec, n: int, kp: int) -> torch.Tensor:
+    """Broadcast a compact per-block tensor (scale or zero) to the (n, kp) weight, in fp32.
+
+    Tile rows may be padded (the scale has ceil(n/tr) rows): expand to the padded shape, slice."""
+    np_ = math.ceil(n / spec.tile[0]) * spec.tile[0] if spec.granularity == "tile" else n
+    return quant.expand_blocks(t, (np_, kp), spec)[:n].float()
+
+
+def _pad_cols(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Zero-pad the last dim of a 2-D tensor to k columns (no copy when already k)."""
+    if x.shape[1] == k:
+        return x
+    return torch.nn.functional.pad(x, (0, k - x.shape[1]))
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+# ----------------------------------------------------------------------------- base class
+class QuantLinearBase(nn.Module):
+    """Common shell of the quantized linears: input checks, leading dims, output dtype.
+
+    Subclasses implement `_forward_impl(x2d: (M, K) float) -> (M, N) float` (the math; where a
+    CUDA kernel dispatch goes) and `weight_nbytes()`.
+    """
+
+    in_features: int
+    out_features: int
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+
+    def _register_bias(self, linear: nn.Linear, dtype: torch.dtype = torch.float16) -> None:
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype).clone()
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = layer(x).
+
+        Args:
+            x: (..., K) float16/bfloat16/float32/float64 on the module's device, K = in_features.
+        Returns:
+            (..., N) in x.dtype, N = out_features (computed as documented per module, in fp32
+            unless stated).
+        """
+        check_tensor(x, "x", dtypes=FLOAT_DTYPES, device=self._device())
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        y = self._forward_impl(x.reshape(-1, self.in_features))
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _device(self) -> torch.device:
+        return next(iter(self.buffers())).device
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def weight_nbytes(self) -> int:  # pragma: no cover - abstract
+        """Bytes of the stored weight (see each subclass)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+# ----------------------------------------------------------------------------- FP16
+class FP16Linear(QuantLinearBase):
+    """Half-precision linear: weight, bias, activations and the matmul in `dtype`.
+
+    Buffers: ``weight`` (N, K) `dtype`, ``bias`` (N,) `dtype` or None.
+    forward: y = (x.to(dtype) @ weight.T + bias) computed in `dtype`, returned in x.dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        super().__init__(in_features, out_features)
+        self.dtype = dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, dtype: torch.dtype = torch.float16) -> "FP16Linear":
+        """Copy `linear` into `dtype` (torch.float16 or torch.bfloat16)."""
+        _check_linear(linear)
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        m = cls(linear.in_features, linear.out_features, dtype)
+        m.register_buffer("weight", linear.weight.detach().to(dtype).clone())
+        m._register_bias(linear, dtype)
+        return m
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(self.dtype), self.weight, self.bias)
+
+    def weight_nbytes(self) -> int:
+        """weight + bias bytes: (N*K + N) * 2."""
+        return _nbytes(self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", dtype={self.dtype}"
+
+
+# ----------------------------------------------------------------------------- W8A8
+class W8A8Linear(QuantLinearBase):
+    """int8 per-output-channel weights, int8 per-token activations (SmoothQuant-style W8A8).
+
+    Buffers: ``w_q`` int8 (N, K) in [-128, 127]; ``w_scale`` fp16 (N, 1); ``bias`` fp16 (N,) or None.
+    forward: `reference.w8a8_linear`: x_q, x_scale = per-token int8 of x;
+    y = (x_q @ w_q.T) [int32, exact] * x_scale * w_scale + bias, in fp32.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, weight_spec: QuantSpec = DEFAULT_W8_SPEC
+                    ) -> "W8A8Linear":
+        """Quantize `linear.weight` (N, K) per output row to int8 (weight_spec must be int8 'row')."""
+        _check_linear(linear)
+        _check_spec(weight_spec, "weight_spec", max_bits=8, symmetric_only=True,
+                    granularities=("row",))
+        if weight_spec.bits != 8:
+            raise ValueError(f"weight_spec.bits must be 8 for W8A8Linear, got {weight_spec.bits}")
+        m = cls(linear.in_features, linear.out_features)
+        m.weight_spec = weight_spec
+        qt = quant.quantize(linear.weight.detach().float(), weight_spec, scale_dtype=torch.float16)
+        m.register_buffer("w_q", qt.q.contiguous())
+        m.register_buffer("w_scale", qt.scale.contiguous())
+        m._register_bias(linear)
+        return m
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        return reference.w8a8_linear(x, self.w_q, self.w_scale, bias=self.bias)
+
+    def weight_nbytes(self) -> int:
+        """N*K (int8) + N*2 (fp16 scales) + N*2 (fp16 bias)."""
+        return _nbytes(self.w_q, self.w_scale, self.bias)
+
+
+# ----------------------------------------------------------------------------- int4 weights
+class _Int4WeightMixin:
+    """Storage shared by W4A16 and W4A4: int4 weight (N, Kp) + packed copy + scales (+ zeros)."""
+
+    def _store_int4_weight(self, w: torch.Tensor, spec: QuantSpec) -> None:
+        w_q, w_scale, w_zero, kp = _quantize_weight(w, spec)
+        self.weight_spec = spec
+        self.k_padded = kp
+        self.register_buffer("w_q", w_q)            # int8 (N, Kp): the values the reference reads
+        self.register_buffer("w_scale", w_scale)    # fp16 compact
+        self.register_buffer("w_zero", w_zero)      # asymmetric only
+        # What is really stored/read by a kernel: two int4 per byte along K, low nibble first.
+        self.register_buffer("w_packed", quant.pack_int4(w_q))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The int part of the weight in fp32, (N, Kp): (w_q - w_zero) * w_scale per block."""
+        n, kp = self.w_q.shape
+        q = self.w_q.float()
+        if self.w_zero is not None:
+            q = q - _expand_blocks(self.w_zero, self.weight_spec, n, kp)
+        return q * _expand_blocks(self.w_scale, self.weight_spec, n, kp)
+
+    def _int4_nbytes(self) -> int:
+        return _nbytes(self.w_packed, self.w_scale, self.w_zero)
+
+
+class W4A16Linear(_Int4WeightMixin, QuantLinearBase):
+    """Weight-only int4 (GPTQ/AWQ-style storage), activations kept in floating point.
+
+    Buffers: ``w_q`` int8 (N, Kp) int4 values; ``w_packed`` uint8 (N, ceil(Kp/2));
+    ``w_scale`` fp16 compact (row (N,1), group (N,Kp/g), tile (ceil(N/tr),Kp/tc), tensor (1,1));
+    ``w_zero`` (asymmetric specs) or None; ``bias`` fp16 (N,) or None.
+    forward: y = x.float() @ dequant(W).T + bias in fp32 (row/group: `reference.w4a16_linear`).
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, weight_spec: QuantSpec = DEFAULT_W4_SPEC
+                    ) -> "W4A16Linear":
+        """Quantize `linear.weight` (N, K) to int4 (weight_spec: bits <= 4, any granularity)."""
+        _check_linear(linear)
+        _check_spec(weight_spec, "weight_spec", max_bits=4, symmetric_only=False,
+                    granularities=("tensor", "row", "group", "tile"))
+        m = cls(linear.in_features, linear.out_features)
+        m._store_int4_weight(linear.weight.detach(), weight_spec)
+        m._register_bias(linear)
+        return m
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        x = _pad_cols(x, self.k_padded)
+        if self.weight_spec.granularity in ("row", "group"):
+            g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else None
+            return reference.w4a16_linear(x, self.w_q, self.w_scale, group_size=g,
+                                          w_zero=self.w_zero, bias=self.bias)
+        y = x.float() @ self.dequantized_weight().T
+        return y if self.bias is None else y + self.bias.float()
+
+    def weight_nbytes(self) -> int:
+        """packed int4 N*ceil(Kp/2) + scales (+ zeros) + fp16 bias."""
+        return self._int4_nbytes() + _nbytes(self.bias)
+
+
+class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
+    """int4 weights x int4 per-token activations, with k static FP16 outlier input channels.
+
+    The k channels in ``outlier_idx`` (chosen offline, e.g. from calibration max |x|) bypass
+    quantization: ``perm = outliers.outlier_permutation(K, outlier_idx)`` puts the Kq = K - k
+    regular channels first, so x[:, perm] = [x_reg (M, Kq) | x_out (M, k)].
+
+    Buffers: ``perm`` int64 (K,); ``outlier_idx`` int64 (k,) sorted; ``w_q`` int8 (N, Kp) with
+    Kp = Kq padded to the block width; ``w_packed`` uint8 (N, ceil(Kp/2)); ``w_scale`` fp16
+    compact (see W4A16Linear); ``w_out`` fp16 (N, k) = W[:, outlier_idx]; ``bias`` fp16 or None.
+
+    forward, x (M, K) -> fp32 (M, N):
+        x_reg, x_out = split(x[:, perm]);  x_q, x_scale = quantize_per_token(x_reg, act_bits)
+        y = (x_q @ w_q.T) * x_scale * w_scale  +  x_out.half() @ w_out.T  +  bias
+    row/group weights with act_bits=4: exactly `reference.w4a4_linear` (int32 accumulation).
+    tile/tensor weights (or act_bits != 4): fake-quant (see module docstring for why).
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, weight_spec: QuantSpec = DEFAULT_W4_SPEC,
+                    act_bits: int = 4, outlier_idx: torch.Tensor | None = None) -> "W4A4Linear":
+        """Build from `linear` (weight (N, K)).
+
+        Args:
+            weight_spec: symmetric int quantizer for the regular weight columns, bits <= 4.
+            act_bits: per-token symmetric activation bits, 2..8 (4 = the int4 path).
+            outlier_idx: None or int64 (k,) distinct channel indices in [0, K), k < K.
+        """
+        _check_linear(linear)
+        _check_spec(weight_spec, "weight_spec", max_bits=4, symmetric_only=True,
+                    granularities=("tensor", "row", "group", "tile"))
+        if isinstance(act_bits, bool) or not isinstance(act_bits, int) or not 2 <= act_bits <= 8:
+            raise ValueError(f"act_bits must be an int in 2..8, got {act_bits!r}")
+        k_in = linear.in_features
+        w = linear.weight.detach().float()
+        if outlier_idx is None:
+            outlier_idx = torch.empty(0, dtype=torch.int64, device=w.device)
+        check_tensor(outlier_idx, "outlier_idx", ndim=1, dtypes=(torch.int64,), nonempty=False)
+        outlier_idx = outlier_idx.to(w.device)
+        if outlier_idx.numel():
+            if int(outlier_idx.min()) < 0 or int(outlier_idx.max()) >= k_in:
+                raise ValueError(f"outlier_idx must lie in [0, {k_in}), got range "
+                                 f"[{int(outlier_idx.min())}, {int(outlier_idx.max())}]")
+            if torch.unique(outlier_idx).numel() != outlier_idx.numel():
+                raise ValueError("outlier_idx has repeated channels")
+        if outlier_idx.numel() >= k_in:
+            raise ValueError(f"outlier_idx selects {outlier_idx.numel()} of {k_in} channels; "
+                             "at least one must stay int4")
+        outlier_idx = torch.sort(outlier_idx).values
+        n_out = outlier_idx.numel()
+        perm = (_outliers.outlier_permutation(k_in, outlier_idx).to(w.device) if n_out
+                else torch.arange(k_in, device=w.device))
+        m = cls(k_in, linear.out_features)
+        m.act_bits = act_bits
+        m.n_outliers = n_out
+        m.k_regular = k_in - n_out
+        m.register_buffer("perm", perm.contiguous())
+        m.register_buffer("outlier_idx", outlier_idx.contiguous())
+        w_perm = w[:, perm]
+        m._store_int4_weight(w_perm[:, :m.k_regular], weight_spec)
+        m.register_buffer("w_out", w_perm[:, m.k_regular:].to(torch.float16).contiguous())
+        m._register_bias(linear)
+        return m
+
+    @property
+    def int_path(self) -> bool:
+        """True when forward uses the integer reference (row/group weights, 4-bit activations)."""
+        return self.act_bits == 4 and self.weight_spec.granularity in ("row", "group")
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        if self.n_outliers:
+            x = x[:, self.perm]
+        x_reg = _pad_cols(x[:, :self.k_regular], self.k_padded)
+        x_out = x[:, self.k_regular:].to(torch.float16) if self.n_outliers else None
+        w_out = self.w_out if self.n_outliers else None
+        if self.int_path:
+            g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else None
+            return reference.w4a4_linear(x_reg, self.w_q, self.w_scale, group_size=g,
+                                         x_out=x_out, w_out=w_out, bias=self.bias)
+        x_q, x_scale = reference.quantize_per_token(x_reg, self.act_bits)
+        y = (x_q.float() * x_scale.float()) @ self.dequantized_weight().T
+        if self.n_outliers:
+            y = y + x_out.float() @ w_out.float().T
+        return y if self.bias is None else y + self.bias.float()
+
+    def weight_nbytes(self) -> int:
+        """packed int4 N*ceil(Kp/2) + int4 scales + fp16 outlier weights N*k*2 + fp16 bias."""
+        return self._int4_nbytes() + _nbytes(self.w_out, self.bias)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", weight={self.weight_spec.describe()}, "
+                f"act_bits={self.act_bits}, n_outliers={self.n_outliers}")
+
+
+# ----------------------------------------------------------------------------- helpers
+MODES = ("fp16", "bf16", "w8a8", "w4a16", "w4a4")
+
+
+def quantize_linear(linear: nn.Linear, mode: str, *, weight_spec: QuantSpec | None = None,
+                    act_bits: int = 4, outlier_idx: torch.Tensor | None = None) -> QuantLinearBase:
+    """Build the quantized module for `mode` in MODES (case-insensitive) from `linear`.
+
+    `weight_spec` defaults to int8-row for w8a8 and int4 8x8 tiles for w4a16/w4a4; `act_bits` and
+    `outlier_idx` apply to w4a4 only.
+    """
+    if not isinstance(mode, str) or mode.lower() not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    mode = mode.lower()
+    if mode in ("fp16", "bf16"):
+        return FP16Linear.from_linear(linear, dtype=torch.float16 if mode == "fp16" else torch.bfloat16)
+    if mode == "w8a8":
+        return W8A8Linear.from_linear(linear, weight_spec=weight_spec or DEFAULT_W8_SPEC)
+    if mode == "w4a16":
+        return W4A16Linear.from_linear(linear, weight_spec=weight_spec or DEFAULT_W4_SPEC)
+    return W4A4Linear.from_linear(linear, weight_spec=weight_spec or DEFAULT_W4_SPEC,
+                                  act_bits=act_bits, outlier_idx=outlier_idx)
+
+
+def module_weight_nbytes(module: nn.Module) -> int:
+    """Weight bytes of every linear in `module`: `weight_nbytes()` of quantized linears plus the
+    weight and bias bytes of plain `nn.Linear`s (at their stored dtype)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    total = 0
+    for m in module.modules():
+        if isinstance(m, QuantLinearBase):
+            total += m.weight_nbytes()
+        elif isinstance(m, nn.Linear):
+            total += _nbytes(m.weight, m.bias)
+    return total
