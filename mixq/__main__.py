@@ -3,6 +3,8 @@
 Commands:
     mnist [--json PATH] [--smoke] [--figure PATH]   train + quantize the MNIST MLP, print the table
     bench gemm [ARGS...]                            GEMM benchmarks (forwarded to mixq.bench.main)
+    quantize [ARGS...]                              quantize a Hugging Face LLM (mixq.cli_llm)
+    eval [ARGS...]                                  WikiText-2 perplexity / speed (mixq.cli_llm)
 
 Thin on purpose: every command parses its flags and calls one library function.
 """
@@ -39,6 +41,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return int(rc or 0)
 
 
+def _cmd_llm(args: argparse.Namespace) -> int:
+    from mixq import cli_llm  # lazy: pulls in transformers
+
+    run = cli_llm.quantize_main if args.command == "quantize" else cli_llm.eval_main
+    return int(run(args.rest) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``python -m mixq``."""
     parser = argparse.ArgumentParser(prog="python -m mixq",
@@ -57,11 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["gemm"], help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for mixq.bench.main")
     p.set_defaults(func=_cmd_bench)
+
+    for name, what in (("quantize", "quantize a Hugging Face LLM and save it"),
+                       ("eval", "WikiText-2 perplexity and speed of a (quantized) LLM")):
+        p = sub.add_parser(name, help=what, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER,
+                       help=f"arguments for mixq.cli_llm ({name} --help lists them)")
+        p.set_defaults(func=_cmd_llm)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("quantize", "eval"):
+        # forwarded whole: argparse's REMAINDER would swallow flags such as --help itself
+        return _cmd_llm(argparse.Namespace(command=argv[0], rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -110,7 +110,8 @@ def _set_int4_weight(module: W4A4Linear | W4A16Linear, qt: quant.QTensor, name: 
                          f"quantized with {module.weight_spec.describe()}")
     n, kp = module.w_q.shape
     rows = qt.q.shape[0]
-    pad_rows = math.ceil(n / qt.spec.tile[0]) * qt.spec.tile[0] if qt.spec.granularity == "tile" else n
+    tr = qt.spec.tile[0]
+    pad_rows = math.ceil(n / tr) * tr if qt.spec.granularity == "tile" else n
     if qt.q.shape[1] != kp or rows not in (n, pad_rows):
         raise ValueError(f"qweights[{name!r}].q must have the regular_weight() layout "
                          f"({n} or {pad_rows}, {kp}), got {tuple(qt.q.shape)}")
@@ -133,11 +134,22 @@ def build_quantized_linear(linear: nn.Linear, config: QuantConfig, *, spec: Quan
                            name: str = "linear") -> QuantLinearBase:
     """The quantized module that replaces `linear` (weight (N, K)).
 
-    mode fp16: `FP16Linear`. mode w8a8 or an 8-bit `spec`: `W8A8Linear` (int8 per-token
-    activations; `outlier_idx` is ignored: int8 needs no FP16 channels). Otherwise int4 weights with `spec`: `act_bits` None -> `W4A16Linear`
-    (weight-only; `outlier_idx` must be empty), else `W4A4Linear` with per-token `act_bits`
-    activations and the FP16 `outlier_idx` channels (int64 (k,)). `qweight` replaces the RTN
-    codes of an int4 module (layout: `mixq.methods.base` qweights convention = `regular_weight`).
+    * mode "fp16": `FP16Linear`.
+    * mode "w8a8" or an 8-bit `spec`: `W8A8Linear` (int8 per-token activations; `outlier_idx`
+      is ignored: int8 needs no FP16 channels).
+    * otherwise int4 weights with `spec`: `act_bits` None -> `W4A16Linear` (weight-only;
+      `outlier_idx` must be empty), else `W4A4Linear` (per-token `act_bits` activations and
+      the FP16 `outlier_idx` channels).
+
+    Args:
+        linear: the float nn.Linear.
+        config: the QuantConfig (its mode).
+        spec: weight QuantSpec (None only in mode fp16).
+        outlier_idx: int64 (k,) FP16 input channels, or None.
+        act_bits: per-token activation bits 2..8, or None (weight-only).
+        qweight: a method's QTensor replacing the RTN codes of an int4 module; layout of
+            `regular_weight` (the `mixq.methods.base` qweights convention).
+        name: qualified name, for error messages.
     """
     mode = config.mode
     if mode == "fp16":

@@ -27,8 +27,8 @@ from mixq.data import find_data, network_available
 from mixq.models import LinearGroup, get_adapter
 from mixq.validation import FLOAT_DTYPES, check_tensor
 
-__all__ = ["LinearStats", "LayerStats", "StatsAccumulator", "calibration_batches", "calibrate_layerwise",
-           "capture_layer_inputs", "wikitext2_raw"]
+__all__ = ["LinearStats", "LayerStats", "StatsAccumulator", "calibration_batches",
+           "calibrate_layerwise", "capture_layer_inputs", "wikitext2_text", "rows_to_raw_text"]
 
 
 @dataclass
@@ -79,30 +79,37 @@ class StatsAccumulator:
         if x.shape[-1] != self.k:
             raise ValueError(f"x must have shape (..., {self.k}), got {tuple(x.shape)}")
         x = x.detach().reshape(-1, self.k).float()
-        xd = x.double()
         if self.n == 0:
             z = torch.zeros(self.k, dtype=torch.float64, device=x.device)
             self.absmax = torch.zeros(self.k, dtype=torch.float32, device=x.device)
             self.sum_abs, self.sum, self.sum_sq = z.clone(), z.clone(), z.clone()
             if self.want_hessian:
                 self.h = torch.zeros(self.k, self.k, dtype=torch.float32, device=x.device)
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
-        self.sum_abs += xd.abs().sum(dim=0)
-        self.sum += xd.sum(dim=0)
-        self.sum_sq += (xd * xd).sum(dim=0)
+        a = x.abs()
+        self.absmax = torch.maximum(self.absmax, a.amax(dim=0))
+        # per-batch sums in fp32 (a few thousand rows), running totals in fp64
+        self.sum_abs += a.sum(dim=0, dtype=torch.float64)
+        self.sum += x.sum(dim=0, dtype=torch.float64)
+        self.sum_sq += (x * x).sum(dim=0, dtype=torch.float64)
         if self.h is not None:
             self.h += x.T @ x
         if self.max_rows:
-            keys = torch.rand(x.shape[0], generator=self.gen).to(x.device)
-            order = torch.arange(self.n, self.n + x.shape[0], device=x.device)
-            rows, allk, allo = ((x, keys, order) if self.rows is None else
-                                (torch.cat([self.rows, x]), torch.cat([self.keys, keys]),
-                                 torch.cat([self.order, order])))
-            if rows.shape[0] > self.max_rows:
-                top = torch.topk(allk, self.max_rows).indices
-                rows, allk, allo = rows[top], allk[top], allo[top]
-            self.rows, self.keys, self.order = rows, allk, allo
+            self._sample(x)
         self.n += x.shape[0]
+
+    def _sample(self, x: torch.Tensor) -> None:
+        keys = torch.rand(x.shape[0], generator=self.gen).to(x.device)
+        order = torch.arange(self.n, self.n + x.shape[0], device=x.device)
+        if self.rows is not None and self.rows.shape[0] >= self.max_rows:
+            keep = keys > self.keys.min()           # only these can enter a full reservoir
+            x, keys, order = x[keep], keys[keep], order[keep]
+        if self.rows is not None:
+            x, keys, order = (torch.cat([self.rows, x]), torch.cat([self.keys, keys]),
+                              torch.cat([self.order, order]))
+        if x.shape[0] > self.max_rows:
+            top = torch.topk(keys, self.max_rows).indices
+            x, keys, order = x[top], keys[top], order[top]
+        self.rows, self.keys, self.order = x, keys, order
 
     def finalize(self) -> LinearStats:
         """The `LinearStats` of everything fed so far (ValueError if nothing was)."""
@@ -121,10 +128,39 @@ class StatsAccumulator:
 
 
 # ------------------------------------------------------------------------------- calibration data
-def wikitext2_raw(split: str = "valid") -> str:
-    """The raw WikiText-2 text of `split` ("valid" | "test"); see `mixq.eval.wikitext2_text`."""
-    from mixq.eval import wikitext2_text
-    return wikitext2_text(split)
+SPLITS = {"test": "wiki.test.raw", "valid": "wiki.valid.raw", "validation": "wiki.valid.raw"}
+
+
+def rows_to_raw_text(rows) -> str:
+    """Rebuild a WikiText raw file from ``datasets`` rows: ``"".join(row or " \\n")``."""
+    return "".join(r if r else " \n" for r in rows)
+
+
+def wikitext2_text(split: str = "test") -> str:
+    """WikiText-2 raw text of `split` ("test" | "valid"/"validation"), as in the raw files.
+
+    The staged ``wikitext-2-raw/wiki.{test,valid}.raw`` as it is. If not staged and online, Hugging
+    Face ``datasets`` ("wikitext", "wikitext-2-raw-v1") gives one row per line of that same file,
+    keeping the line's ``"\\n"``, except blank lines which become ``""`` (the builder yields
+    ``row if row.strip() else ""``); every blank line of the raw files is ``" \\n"``, so
+    `rows_to_raw_text` rebuilds the raw file exactly (tests/test_eval.py checks this on the staged
+    files). GPTQ's ``"\\n\\n".join(rows)`` is a different text (extra blank lines); not used.
+
+    Raises:
+        ValueError: unknown split.
+        FileNotFoundError: not staged and no network.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    path = find_data(f"wikitext-2-raw/{SPLITS[split]}", required=False)
+    if path is not None:
+        return path.read_text(encoding="utf-8")
+    if not network_available():
+        find_data(f"wikitext-2-raw/{SPLITS[split]}")   # raises, listing where it looked
+    from datasets import load_dataset
+    hf_split = "validation" if split in ("valid", "validation") else split
+    rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)["text"]
+    return rows_to_raw_text(rows)
 
 
 def calibration_batches(tokenizer, *, n_samples: int = 128, seqlen: int = 2048,
@@ -146,7 +182,7 @@ def calibration_batches(tokenizer, *, n_samples: int = 128, seqlen: int = 2048,
     for name, v in (("n_samples", n_samples), ("seqlen", seqlen)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    text = wikitext2_raw(split)
+    text = wikitext2_text(split)
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if ids.numel() < seqlen:
         raise ValueError(f"seqlen={seqlen} exceeds the {ids.numel()} tokens of WikiText-2 {split}")
@@ -174,7 +210,7 @@ def _to(obj, device):
 
 
 def _move_outside(model: nn.Module, layers: nn.ModuleList, device) -> dict:
-    """Move every parameter/buffer that is not inside `layers` to `device`; return the old devices."""
+    """Move every parameter/buffer not inside `layers` to `device`; return their old devices."""
     inside = {id(t) for t in layers.parameters()} | {id(t) for t in layers.buffers()}
     old = {}
     for mod in model.modules():
@@ -285,7 +321,9 @@ def _layer_output(out) -> torch.Tensor:
 class LayerStats(dict):
     """``{name within the layer: LinearStats}`` for one decoder layer, re-computable.
 
-    A plain dict for readers; `refresh()` re-runs the layer on its calibration inputs and
+    A plain dict for readers. The linears of one `LinearGroup` read the same input, so they
+    share one `LinearStats` object (a method that rescales a group's inputs edits it once).
+    `refresh()` re-runs the layer on its calibration inputs and
     recomputes every entry, e.g. after a method changed the float weights or norms (smoothing,
     rotation) so that later steps (outlier choice, GPTQ's Hessian) see the transformed inputs.
     Call it only while the group's linears are still the float nn.Linear modules of the layer.
@@ -302,13 +340,12 @@ class LayerStats(dict):
         """Recompute all stats on the layer as it is now; returns self."""
         accs: dict[str, StatsAccumulator] = {}
         handles = []
-        for g in self._groups:
-            for name, lin in zip(g.names, g.linears):
-                acc = StatsAccumulator(lin.in_features, max_rows=self._max_rows,
-                                       hessian=self._hessian, generator=self._gen)
-                accs[name] = acc
-                handles.append(lin.register_forward_pre_hook(
-                    lambda _m, args, acc=acc: acc.update(args[0])))
+        for g in self._groups:   # the linears of a group read one input: hook the first
+            acc = StatsAccumulator(g.linears[0].in_features, max_rows=self._max_rows,
+                                   hessian=self._hessian, generator=self._gen)
+            accs[g.names] = acc
+            handles.append(g.linears[0].register_forward_pre_hook(
+                lambda _m, args, acc=acc: acc.update(args[0])))
         try:
             for args, kwargs in self._inputs:
                 self._layer(*args, **kwargs)
@@ -316,7 +353,9 @@ class LayerStats(dict):
             for h in handles:
                 h.remove()
         self.clear()
-        self.update({name: acc.finalize() for name, acc in accs.items()})
+        for names, acc in accs.items():
+            st = acc.finalize()
+            self.update({n: st for n in names})
         return self
 
 

@@ -6,7 +6,10 @@ quantizer in mixq -- the fake-quant reference, the Triton kernels, the PTQ metho
 """
 from __future__ import annotations
 
+import dataclasses as _dc
+import importlib as _importlib
 from dataclasses import dataclass
+from typing import Any as _Any
 from typing import Literal
 
 Granularity = Literal["tensor", "row", "group", "tile"]
@@ -68,10 +71,6 @@ class QuantSpec:
 # ---------------------------------------------------------------------------------------------
 # QuantConfig: how a whole model is quantized (mixq.quantize)
 # ---------------------------------------------------------------------------------------------
-
-import dataclasses as _dc
-import importlib as _importlib
-from typing import Any as _Any
 
 MODES: tuple[str, ...] = ("w4a4", "w4a16", "w8a8", "fp16")
 OUTLIER_STRATEGIES: tuple[str, ...] = ("calib_max", "max", "mean3std", "argmax")
@@ -285,7 +284,8 @@ class QuantConfig:
 
     def _check_override(self, pat: str, spec: QuantSpec) -> None:
         if self.mode in ("fp16", "w8a8"):
-            raise ValueError(f"QuantConfig.layer_overrides are for w4a4/w4a16, got mode {self.mode!r}")
+            raise ValueError(f"QuantConfig.layer_overrides are for w4a4/w4a16, "
+                             f"got mode {self.mode!r}")
         if spec.bits == 8:
             if not spec.symmetric or spec.granularity != "row":
                 raise ValueError(f"layer_overrides[{pat!r}]: an 8-bit override means W8A8 and must "
@@ -315,7 +315,8 @@ class QuantConfig:
         known = {f.name for f in _dc.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"QuantConfig.from_dict: unknown keys {unknown} (known: {sorted(known)})")
+            raise ValueError(f"QuantConfig.from_dict: unknown keys {unknown} "
+                             f"(known: {sorted(known)})")
         kw = dict(d)
         for k in ("w", "a"):
             if k in kw and kw[k] != _AUTO:

@@ -14,7 +14,8 @@ not staged and online, Hugging Face ``datasets`` ("wikitext", "wikitext-2-raw-v1
 per line of that same file, keeping the line's ``"\\n"``, except blank lines which become ``""``
 (the dataset builder yields ``row if row.strip() else ""``). Every blank line of the raw files is
 ``" \\n"``, so `rows_to_raw_text` (``"".join(row or " \\n")``) rebuilds the raw file exactly
-(tests/test_eval.py checks this on the staged files). The common ``"\\n\\n".join(rows)``
+(tests/test_eval.py checks this on the staged files; defined in mixq.calibrate, which calibrates
+on the same text). The common ``"\\n\\n".join(rows)``
 (GPTQ's scripts) does *not*: it inserts an extra blank line between all lines, which changes the
 token count and the perplexity slightly; mixq never uses it.
 """
@@ -27,39 +28,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mixq.data import find_data, network_available
+from mixq.calibrate import SPLITS, rows_to_raw_text, wikitext2_text
 from mixq.nn import QuantLinearBase
 
 __all__ = ["wikitext2_text", "rows_to_raw_text", "perplexity", "tokens_per_second",
            "weight_bytes", "SPLITS"]
-
-SPLITS = {"test": "wiki.test.raw", "valid": "wiki.valid.raw", "validation": "wiki.valid.raw"}
-
-
-def rows_to_raw_text(rows) -> str:
-    """Rebuild a WikiText raw file from ``datasets`` rows: ``"".join(row or " \\n")``."""
-    return "".join(r if r else " \n" for r in rows)
-
-
-def wikitext2_text(split: str = "test") -> str:
-    """WikiText-2 raw text of `split` ("test" | "valid"/"validation"), see the module docstring.
-
-    Raises:
-        ValueError: unknown split.
-        FileNotFoundError: not staged and no network.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    path = find_data(f"wikitext-2-raw/{SPLITS[split]}", required=False)
-    if path is not None:
-        return path.read_text(encoding="utf-8")
-    if not network_available():
-        find_data(f"wikitext-2-raw/{SPLITS[split]}")   # raises, listing where it looked
-    from datasets import load_dataset
-    hf_split = "validation" if split in ("valid", "validation") else split
-    rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)["text"]
-    return rows_to_raw_text(rows)
-
 
 def _model_device(model: nn.Module) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):

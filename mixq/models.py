@@ -5,11 +5,11 @@ linears that read the same input, and the module that produced that input (a nor
 linear) -- that is where a function-preserving transform (SmoothQuant / AWQ scales, a Hadamard
 rotation, an outlier permutation) is folded::
 
-    Llama / Mistral / Qwen2 (pre-norm, SwiGLU)        OPT (pre-norm when do_layer_norm_before)
-    attn_in : q_proj k_proj v_proj <- input_layernorm        q_proj k_proj v_proj <- self_attn_layer_norm
-    attn_out: o_proj               <- v_proj (linear)        out_proj             <- v_proj
-    mlp_in  : gate_proj up_proj    <- post_attention_layernorm   fc1              <- final_layer_norm
-    mlp_out : down_proj            <- up_proj (x SiLU(gate))     fc2              <- none (ReLU between)
+    kind      Llama / Mistral / Qwen2 (SwiGLU)            OPT (pre-norm: do_layer_norm_before)
+    attn_in   q, k, v   <- input_layernorm                q, k, v   <- self_attn_layer_norm
+    attn_out  o_proj    <- v_proj (a linear)              out_proj  <- v_proj
+    mlp_in    gate, up  <- post_attention_layernorm       fc1       <- final_layer_norm
+    mlp_out   down_proj <- up_proj (times SiLU(gate))     fc2       <- none (ReLU between)
 
 Notes for methods that fold scales into ``prev_linear``:
 
@@ -63,8 +63,9 @@ class LinearGroup:
 
 
 def linear_kind(name: str) -> str:
-    """Short kind of a linear from its qualified name: "self_attn.q_proj" -> "q", "mlp.down_proj"
-    -> "down", "self_attn.out_proj" -> "out", "fc1" -> "fc1" (the names of `QuantConfig.targets`)."""
+    """Short kind of a linear from its qualified name (the names of `QuantConfig.targets`):
+    "self_attn.q_proj" -> "q", "mlp.down_proj" -> "down", "self_attn.out_proj" -> "out",
+    "fc1" -> "fc1"."""
     leaf = name.rsplit(".", 1)[-1]
     return leaf[:-5] if leaf.endswith("_proj") else leaf
 
@@ -126,7 +127,7 @@ class LlamaAdapter(ModelAdapter):
         n_kv = attn.v_proj.out_features
         cmap = None
         if n_q != n_kv:  # GQA: o_proj channel h*d + j reads v row (h // rep)*d + j
-            head_dim = getattr(attn, "head_dim", None) or n_q // layer.self_attn.config.num_attention_heads
+            head_dim = getattr(attn, "head_dim", None) or n_q // attn.config.num_attention_heads
             rep = n_q // n_kv
             c = torch.arange(n_q)
             cmap = (c // head_dim // rep) * head_dim + c % head_dim

@@ -48,6 +48,8 @@ from mixq.config import QuantSpec
 from mixq.validation import FLOAT_DTYPES, check_tensor
 
 DEFAULT_W4_SPEC = QuantSpec(4, True, "tile", tile=(8, 8))
+_W4A4_BLOCK_K = 128  # K block of mixq.kernels.w4a4 (kept here so nn imports no triton)
+_KERNEL_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_W8_SPEC = QuantSpec(8, True, "row")
 
 __all__ = ["QuantLinearBase", "FP16Linear", "W8A8Linear", "W4A16Linear", "W4A4Linear",
@@ -128,6 +130,10 @@ class QuantLinearBase(nn.Module):
 
     in_features: int
     out_features: int
+    #: Triton kernel dispatch: None = automatic (CUDA inputs on a capable GPU), True = always
+    #: (CPU inputs then run under TRITON_INTERPRET=1, which is how CI tests the dispatch),
+    #: False = always the pure-torch reference.
+    use_kernels: bool | None = None
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -156,6 +162,13 @@ class QuantLinearBase(nn.Module):
 
     def _device(self) -> torch.device:
         return next(iter(self.buffers())).device
+
+    def _wants_kernel(self, x: torch.Tensor, kernel: str) -> bool:
+        """Whether `x` goes through the Triton kernel `kernel` (see `use_kernels`)."""
+        if self.use_kernels is False or (self.use_kernels is None and not x.is_cuda):
+            return False
+        from mixq.kernels._triton import fallback_to_reference
+        return not fallback_to_reference(x, kernel)
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -367,7 +380,41 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
         """True when forward uses the integer reference (row/group weights, 4-bit activations)."""
         return self.act_bits == 4 and self.weight_spec.granularity in ("row", "group")
 
+    @property
+    def kernel_path(self) -> bool:
+        """True when the Triton W4A4 kernel can run this layer: the integer path with per-row
+        scales, or per-group scales whose group size is a multiple of the kernel's K block."""
+        if not self.int_path:
+            return False
+        spec = self.weight_spec
+        return spec.granularity == "row" or spec.group_size % _W4A4_BLOCK_K == 0
+
+    def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The same math on the Triton kernels: act_quant (per-token int4 + the fp16 outlier
+        copy, one pass) then the W4A4 GEMM with the outlier product fused, output in x.dtype
+        (fp32 for fp64 inputs)."""
+        from mixq.kernels.act_quant import act_quant
+        from mixq.kernels.w4a4 import prepare_w4a4_weight, w4a4_gemm
+        if getattr(self, "w_kernel", None) is None or self.w_kernel.device != x.device:
+            # the kernel's pre-shuffled int4 layout, built once (not saved: derived from w_q)
+            self.register_buffer("w_kernel", prepare_w4a4_weight(self.w_q.to(x.device)),
+                                 persistent=False)
+        if self.n_outliers:
+            x = x[:, self.perm]
+        if self.k_padded != self.k_regular:  # zero columns: no change to absmax or the dot
+            x = torch.cat([_pad_cols(x[:, :self.k_regular], self.k_padded),
+                           x[:, self.k_regular:]], dim=1)
+        x_q, x_scale, x_out = act_quant(x.contiguous(), n_outliers=self.n_outliers,
+                                        out_format="int8")
+        g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else None
+        return w4a4_gemm(x_q, x_scale, self.w_kernel, self.w_scale, group_size=g,
+                         x_out=x_out if self.n_outliers else None,
+                         w_out=self.w_out if self.n_outliers else None, bias=self.bias,
+                         out_dtype=x.dtype if x.dtype in _KERNEL_OUT_DTYPES else torch.float32)
+
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_path and self._wants_kernel(x, "w4a4"):
+            return self._forward_kernel(x)
         if self.n_outliers:
             x = x[:, self.perm]
         x_reg = _pad_cols(x[:, :self.k_regular], self.k_padded)

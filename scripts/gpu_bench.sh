@@ -24,7 +24,7 @@ run_tests() {
   python -c "import xdist" 2>/dev/null && par=(-n "${TEST_WORKERS:-8}")
   local files=${TEST_FILES:-"tests/test_kernels_w4a4.py tests/test_bench.py $(ls tests/test_kernels_*.py 2>/dev/null | grep -v test_kernels_w4a4.py)"}
   # shellcheck disable=SC2086
-  MIXQ_AUTOTUNE=0 timeout "${TESTS_TIMEOUT:-150}" python -m pytest -q -p no:benchmark "${par[@]}" \
+  MIXQ_NO_AUTOTUNE=1 timeout "${TESTS_TIMEOUT:-150}" python -m pytest -q -p no:benchmark "${par[@]}" \
     $files 2>&1 | tee "$OUT/tests_cuda.log" | grep -v "Warning\|warnings.warn\|^$" | tail -n 25
   return "${PIPESTATUS[0]}"
 }

@@ -63,13 +63,13 @@ def cfg_name(c):
 
 
 EXTRA = {
-    "gemv": [C(16, 128, 1, 4, 3), C(16, 128, 16, 4, 3), C(32, 128, 8, 4, 3), C(64, 128, 4, 8, 3),
-             C(16, 128, 4, 2, 3), C(16, 128, 4, 4, 1), C(16, 128, 4, 4, 4), C(16, 128, 4, 4, 3, magic=0),
-             C(16, 64, 8, 2, 3), C(8, 128, 8, 1, 3)],
+    "gemv": [C(64, 128, 8, 4, 1, magic=1), C(128, 128, 8, 4, 1, magic=1), C(64, 128, 2, 4, 1),
+             C(64, 128, 32, 4, 1), C(128, 128, 4, 4, 1), C(256, 128, 8, 8, 1), C(64, 128, 8, 8, 1),
+             C(128, 64, 16, 4, 1), C(64, 128, 8, 4, 1, magic=0)],
     "decode": [C(64, 128, 1, 4, 3), C(64, 128, 2, 4, 3), C(128, 128, 8, 8, 3),
                C(64, 128, 4, 4, 3, magic=1), C(64, 128, 16, 4, 3), C(128, 64, 4, 4, 4)],
     "gemm": [C(256, 64, 1, 8, 4, 1, False, bm=128), C(64, 64, 1, 4, 4, 1, False, bm=64),
-             C(128, 64, 1, 8, 3, 0, False, bm=128), C(128, 64, 1, 4, 4, 2, True, bm=64),
+             C(128, 64, 1, 8, 3, 0, False, bm=128), C(128, 64, 1, 8, 3, 1, True, bm=128),
              C(128, 128, 2, 8, 3, 1, False, bm=128), C(128, 64, 4, 4, 4, 1, False, bm=64)],
 }
 LISTS = {"gemv": W.GEMV_CONFIGS, "decode": W.DECODE_CONFIGS, "gemm": W.GEMM_CONFIGS}
@@ -77,7 +77,7 @@ LISTS = {"gemv": W.GEMV_CONFIGS, "decode": W.DECODE_CONFIGS, "gemm": W.GEMM_CONF
 
 def regimes_for(m):
     """(primary regime: list + extra candidates, secondary regimes: list only)."""
-    return {1: ("gemv", ["decode"]), 4: ("gemv", ["decode"]), 16: ("decode", ["gemm"]),
+    return {1: ("gemv", ["decode"]), 4: ("decode", ["gemv"]), 16: ("decode", ["gemm"]),
             128: ("gemm", ["decode"]), 2048: ("gemm", [])}[m]
 
 
@@ -126,12 +126,20 @@ def time_w4a16():
                 W.w4a16_matmul(x, packed, scale, G)                 # autotune outside timing
                 t_op = bench(lambda: W.w4a16_matmul(x, packed, scale, G))
                 relerr = check_w4a16(x, packed, scale, n, k)
-                best_auto = str(W._TUNED[W.w4a16_regime(m)].best_config)
+                best_auto = str(getattr(W._TUNED[W.w4a16_regime(m)], "best_config", None))
+                if m > W.DECODE_MAX_M:
+                    best_auto += " path=" + str(W._GEMM_PATH)
                 record(**base, impl="mixq_op", us=t_op, relerr=relerr, config=best_auto)
             except Exception as e:  # noqa: BLE001
                 t_op, relerr = float("nan"), None
                 record(**base, impl="mixq_op", us=None, error=repr(e)[:300])
                 traceback.print_exc()
+            if m > W.DECODE_MAX_M:            # the dequantize + cuBLAS alternative of the gemm regime
+                try:
+                    t = bench(lambda: W._dequant_matmul(x, packed, scale, None, None, G))
+                    record(**base, impl="mixq_cfg", cfg="dequant+cublas", in_list=True, us=t)
+                except Exception as e:  # noqa: BLE001
+                    print(f"FAIL dequant+cublas M={m} {n}x{k}: {repr(e)[:300]}", flush=True)
             primary, secondary = regimes_for(m)
             todo = [(primary, c) for c in LISTS[primary] + EXTRA[primary]]
             todo += [(r, c) for r in secondary for c in LISTS[r]]

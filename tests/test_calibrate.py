@@ -22,7 +22,8 @@ def stories_dir():
 
 @pytest.fixture
 def llama(stories_dir):
-    return transformers.AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
+    return model.eval()
 
 
 def tiny_opt():

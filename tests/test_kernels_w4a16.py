@@ -99,8 +99,32 @@ def test_split_k_is_deterministic_and_resets_counters(device, seed):
 
 
 def test_regimes():
-    assert [w4a16_regime(m) for m in (1, 3, 4, 16, 17, 4096)] == [
+    assert [w4a16_regime(m) for m in (1, 2, 3, 16, 17, 4096)] == [
         "gemv", "gemv", "decode", "decode", "gemm", "gemm"]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dequantize_int4_is_exact(symmetric, device, seed):
+    """(q - z) * s is exact in fp32, so the kernel's RNE cast must equal the reference's cast."""
+    w = torch.randn(37, 96)
+    qt = quant.quantize(w, QuantSpec(4, symmetric, "group", group_size=32))
+    w_q = qt.q if symmetric else qt.q.to(torch.uint8)
+    ref = reference.dequantize_weight(w_q, qt.scale, group_size=32, w_zero=qt.zero)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = W.dequantize_int4(quant.pack_int4(qt.q).to(device), qt.scale.to(device), 32, 96, dtype,
+                                None if symmetric else qt.zero.to(device))
+        assert got.dtype == dtype and torch.equal(got.cpu(), ref.to(dtype))
+
+
+def test_large_m_dequant_path(monkeypatch, device, seed):
+    """The M > 16 'dequant + vendor GEMM' path (picked by measurement on a GPU)."""
+    monkeypatch.setattr(W, "GEMM_PATH_OVERRIDE", "dequant")
+    for x_dtype, bias in ((torch.bfloat16, False), (torch.float16, True)):
+        (x, w, s, z, b), ref, mag = _problem(20, 48, 128, 64, seed % 2 == 0, x_dtype, device, bias=bias)
+        if b is not None:                     # this path adds the bias in x's dtype
+            ref = ref - b.float().cpu() + b.to(x_dtype).float().cpu()
+            b = b.to(x_dtype)
+        _assert_close(w4a16_matmul(x, w, s, 64, w_zero=z, bias=b), ref, mag, x_dtype, 128)
 
 
 def test_torch_compile_traces_the_custom_op(device, seed):

@@ -171,7 +171,11 @@ def test_smoke_pipeline(tmp_path):
     assert by["[injected] W4A4 +5% outliers"]["accuracy"] > by["[injected] W4A4 RTN"]["accuracy"] + 0.1
     assert fp32["logit_sqnr_db"] is None and fp32["agreement"] == 1.0
     saved = json.loads((tmp_path / "r.json").read_text())
-    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["meta"]["n_test"] == 1000
+    assert isinstance(saved, list) and len(saved) == len(rows)
+    for got, row in zip(saved, rows):
+        assert {k: got[k] for k in row} == json.loads(json.dumps(row))
+        assert {"mode", "accuracy", "weight_bytes", "device", "torch"} <= got.keys()
+    assert json.loads((tmp_path / "r.meta.json").read_text())["n_test"] == 1000
     assert (tmp_path / "f.png").stat().st_size > 1000
     table = mnist.format_table(rows)
     assert all(r["label"] in table for r in rows) and len(table.splitlines()) == len(rows) + 2

@@ -249,3 +249,23 @@ def test_bad_inputs_raise():
         m(torch.ones(4, 16, dtype=torch.int32))
     with pytest.raises(TypeError, match="Tensor"):
         m([[0.0] * 16])
+
+
+# ----------------------------------------------------------------------------- kernel dispatch
+@pytest.mark.parametrize("spec", [QuantSpec(4, True, "row"), QuantSpec(4, True, "group", group_size=128)])
+@pytest.mark.parametrize("n_out", [0, 3])
+def test_w4a4_kernel_dispatch_matches_reference(spec, n_out, seed, device):
+    """The Triton path of W4A4Linear (forced on CPU under the interpreter) equals the reference
+    path: same int codes and scales, int32 accumulation, fp32 epilogue."""
+    k_in, n = 128 + n_out + (0 if spec.granularity == "group" else 37), 19
+    lin = nn.Linear(k_in, n)
+    idx = torch.randperm(k_in)[:n_out].sort().values
+    m = qnn.W4A4Linear.from_linear(lin, weight_spec=spec, outlier_idx=idx).to(device)
+    assert m.kernel_path
+    x = torch.randn(5, k_in, device=device)
+    x[:, idx] *= 30
+    m.use_kernels = False
+    want = m(x)
+    m.use_kernels = True
+    got = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

@@ -90,8 +90,18 @@ def is_cuda_capable_for(min_capability: float | tuple[int, int], device=None) ->
     """
     if not torch.cuda.is_available():
         return False
-    cap = torch.cuda.get_device_capability(device)
-    return tuple(cap) >= _as_capability(min_capability)
+    if isinstance(device, int):
+        index = device
+    else:
+        index = None if device is None else torch.device(device).index
+    if index is None:
+        index = torch.cuda.current_device()
+    return _capability(index) >= _as_capability(min_capability)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 def kernel_device() -> torch.device:

@@ -170,10 +170,7 @@ def outlier_gather_index(k_total: int, outlier_idx: torch.Tensor) -> torch.Tenso
     return torch.cat([regular, outlier_idx.long()]).to(torch.int32)
 
 
-@torch.library.custom_op(op_name("act_quant"), mutates_args=())
-def _act_quant_op(x: torch.Tensor, gather_idx: Optional[torch.Tensor], n_outliers: int,
-                  out_format: str, bits: int,
-                  out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _act_quant_impl(x, gather_idx, n_outliers, out_format, bits, out_dtype):
     m, k_total = x.shape
     kq = k_total - n_outliers
     packed = out_format == "packed"
@@ -193,6 +190,13 @@ def _act_quant_op(x: torch.Tensor, gather_idx: Optional[torch.Tensor], n_outlier
         QMIN=-(2 ** (bits - 1)), QMAX=2 ** (bits - 1) - 1,
         SINGLE_PASS=single, BLOCK_K=block_k, BLOCK_O=block_o)
     return x_q, x_scale, x_out
+
+
+@torch.library.custom_op(op_name("act_quant"), mutates_args=())
+def _act_quant_op(x: torch.Tensor, gather_idx: Optional[torch.Tensor], n_outliers: int,
+                  out_format: str, bits: int,
+                  out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _act_quant_impl(x, gather_idx, n_outliers, out_format, bits, out_dtype)
 
 
 @_act_quant_op.register_fake
@@ -250,4 +254,6 @@ def act_quant(x: torch.Tensor, *, n_outliers: int = 0, outlier_idx: torch.Tensor
     if n_outliers >= k_total:
         raise ValueError(f"x (shape {tuple(x.shape)}) needs at least one int4 channel, "
                          f"got {n_outliers} outliers")
-    return _act_quant_op(x, gather_idx, n_outliers, out_format, bits, out_dtype)
+    # the custom op makes the kernel traceable by torch.compile; eager calls skip its dispatch
+    impl = _act_quant_op if torch.compiler.is_compiling() else _act_quant_impl
+    return impl(x, gather_idx, n_outliers, out_format, bits, out_dtype)

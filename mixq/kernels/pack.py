@@ -83,18 +83,22 @@ def _scale_kernel(w_ptr, s_ptr, z_ptr, N, K, G, stride_wn,
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     k_base = gi * G
-    hi = tl.zeros((BLOCK_N,), dtype=tl.float32)      # also absmax when symmetric
-    lo = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # running elementwise max/min tiles, reduced once after the loop: a reduction inside the
+    # loop with two loop-carried results crashes Triton 3.6's OptimizeThreadLocality pass
+    hi2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)     # |w| max when symmetric
+    lo2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, G, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = rmask[:, None] & (cols < G)[None, :]
         w = tl.load(w_ptr + rows[:, None] * stride_wn + (k_base + cols)[None, :],
                     mask=mask, other=0.0).to(tl.float32)
         if SYMMETRIC:
-            hi = tl.maximum(hi, tl.max(tl.abs(w), axis=1))
+            hi2 = tl.maximum(hi2, tl.abs(w))
         else:
-            hi = tl.maximum(hi, tl.max(w, axis=1))    # masked zeros are harmless: hi >= 0 anyway
-            lo = tl.minimum(lo, tl.min(w, axis=1))
+            hi2 = tl.maximum(hi2, w)                # masked zeros are harmless: hi >= 0 anyway
+            lo2 = tl.minimum(lo2, w)
+    hi = tl.max(hi2, axis=1)
+    lo = tl.min(lo2, axis=1)
     n_groups = K // G
     if SYMMETRIC:
         scale = cast_rne(tl.math.div_rn(hi, QMAX * 1.0), s_ptr.dtype.element_ty)
@@ -156,7 +160,7 @@ def _quantize_pack_op(w: torch.Tensor, group_size: int, symmetric: bool,
     qmax, qmin = (7, -8) if symmetric else (15, 0)
     z_arg = zero if not symmetric else scale          # never read when symmetric
     block_n = 16
-    block_k = min(_next_pow2(g), 512)
+    block_k = min(_next_pow2(g), 256)
     _scale_kernel[(triton.cdiv(n, block_n), k // g)](
         w, scale, z_arg, n, k, g, w.stride(0),
         SYMMETRIC=symmetric, QMAX=qmax, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)

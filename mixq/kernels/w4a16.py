@@ -13,12 +13,23 @@ When K % 8 == 0 the kernel reads the same bytes as int32 words (eight nibbles pe
 
 Three regimes, picked by M (each with its own small autotune list, keyed on an M bucket):
 
-* M <= 3 ("gemv", its own kernel): CUDA-core FMAs, one (BLOCK_N,) accumulator per token;
+* M <= 2 ("gemv", its own kernel): CUDA-core FMAs, one (BLOCK_N,) accumulator per token;
   each thread keeps its K chunk of the weight tile in registers and reduces it in place.
-* 4 <= M <= 16 ("decode"): tensor cores with swapped operands, ``y^T = W_deq @ x^T``: the
+* 3 <= M <= 16 ("decode"): tensor cores with swapped operands, ``y^T = W_deq @ x^T``: the
   dequantized weight tile (BLOCK_N rows) is the MMA's register operand and the 16-wide token
   tile the other, so the tiny M does not waste the MMA's M dimension.
-* M >= 17 ("gemm"): a tiled GEMM ``tl.dot(x_tile, W_deq_tile^T)``, grouped program order.
+* M >= 17 ("gemm"): either a fused tiled GEMM ``tl.dot(x_tile, W_deq_tile^T)`` or, when it
+  measures faster on the device (one timing per problem bucket, cached), `dequantize_int4`
+  + cuBLAS: at large M the GEMM is compute-bound and the fused kernel's in-loop dequantization
+  costs more than one extra pass over the weights (H100: 0.5x cuBLAS bf16 fused at M=2048).
+
+Measured on an H100 (triton 3.6, torch 2.11; do_bench medians with the L2 flushed; Llama-3-8B
+shapes N x K = 4096x4096 / 4096x14336 / 6144x4096 / 28672x4096), kernel time in us:
+
+    M=1   mixq gemv   13.3 / 26.6 / 15.5 / 46.9   cuBLAS bf16 23.1 / 56.2 / 29.8 / 95.9
+                                                tinygemm    11.0 / 24.2 / 14.8 / 42.7
+    M=16  mixq decode 15.7 / 36.6 / 19.8 / 58.6   cuBLAS bf16 23.1 / 56.4 / 29.2 / 97.3
+    (about 1.7-2.1x bf16 and 0.82-0.96x tinygemm at M=1; 1.5-1.7x bf16 at M=16)
 
 Split-K (decode is bandwidth-bound: ~3 MB must be in flight to saturate an H100, more than a
 few hundred N tiles can hold): SPLIT_K programs share one output tile, each streams K/SPLIT_K;
@@ -53,12 +64,13 @@ from mixq.kernels._triton import (autotune, check_kernel_device, check_same_devi
 from mixq.kernels.pack import cast_rne
 from mixq.validation import check_divides, check_tensor
 
-__all__ = ["w4a16_matmul", "w4a16_regime", "GEMV_CONFIGS", "DECODE_CONFIGS", "GEMM_CONFIGS"]
+__all__ = ["w4a16_matmul", "w4a16_regime", "dequantize_int4", "GEMV_CONFIGS", "DECODE_CONFIGS",
+           "GEMM_CONFIGS", "GEMM_PATH_OVERRIDE"]
 
 _X_DTYPES = (torch.float16, torch.bfloat16)
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-GEMV_MAX_M = 3
+GEMV_MAX_M = 2             # measured: at M=4 the tensor-core decode kernel is faster
 DECODE_MAX_M = 16
 GEMM_SPLIT_MAX_M = 128       # split-K configs of the gemm regime are pruned above this M
 
@@ -71,31 +83,32 @@ def _cfg(bn, bk, split, warps, stages, magic=2, post=True, bm=None):
 
 
 # The first config of each list is what the interpreter (and MIXQ_NO_AUTOTUNE=1) runs.
-# gemv: wide N tiles (64-128 rows; 32 K values per thread keep the per-tile reduction cheap,
-# ~5 SASS instructions per weight on sm_90) and split-K for enough programs in flight.
+# Lists chosen from an H100 sweep (triton 3.6, Llama-3-8B shapes, 30 candidates per regime;
+# scripts/time_kernels_a.py): each entry was the best, or within ~10% of it, on some shape.
+# gemv: 64-128-row N tiles with 32 K values per thread and split-K for enough programs in flight.
 GEMV_CONFIGS = [
-    _cfg(64, 128, 8, 4, 1),
-    _cfg(128, 128, 8, 4, 1),
+    _cfg(64, 128, 8, 4, 1, magic=0),
     _cfg(64, 128, 16, 2, 1),
-    _cfg(64, 128, 4, 4, 1),
-    _cfg(32, 128, 8, 4, 1),
-    _cfg(128, 128, 16, 8, 1),
+    _cfg(64, 128, 2, 4, 1),
+    _cfg(128, 128, 8, 4, 1),
+    _cfg(128, 64, 16, 4, 1),
+    _cfg(64, 128, 8, 8, 1),
 ]
 DECODE_CONFIGS = [
-    _cfg(64, 128, 4, 4, 3),
-    _cfg(64, 128, 8, 4, 3),
-    _cfg(128, 128, 4, 4, 3),
+    _cfg(64, 128, 4, 4, 3, magic=1),
     _cfg(64, 128, 4, 4, 3, magic=1, post=False),
+    _cfg(64, 128, 8, 4, 3),
+    _cfg(64, 128, 4, 4, 3),
     _cfg(64, 64, 8, 4, 4),
-    _cfg(32, 128, 4, 4, 3),
+    _cfg(128, 128, 4, 4, 3),
 ]
 GEMM_CONFIGS = [
-    _cfg(128, 64, 1, 4, 4, magic=1, post=False, bm=64),
     _cfg(128, 64, 1, 8, 3, magic=1, post=False, bm=128),
-    _cfg(256, 64, 1, 8, 3, magic=1, post=False, bm=128),
-    _cfg(128, 128, 1, 8, 3, magic=1, post=False, bm=128),
+    _cfg(128, 64, 1, 8, 3, magic=0, post=False, bm=128),
+    _cfg(128, 64, 1, 4, 4, magic=1, post=False, bm=128),
     _cfg(128, 64, 2, 4, 4, magic=1, post=False, bm=64),
-    _cfg(256, 64, 1, 8, 3, magic=1, post=False, bm=128),
+    _cfg(128, 128, 2, 8, 3, magic=1, post=False, bm=128),
+    _cfg(128, 64, 4, 4, 4, magic=1, post=False, bm=64),
 ]
 
 _MODE = {"gemv": 0, "decode": 1, "gemm": 2}
@@ -445,6 +458,37 @@ def _epilogue(acc, b_ptr, y_ptr, rn, nmask, offs, omask,
     tl.store(y_ptr + offs, cast_rne(acc, y_ptr.dtype.element_ty), mask=omask)
 
 
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, NG, stride_wn,
+                    GROUP_SIZE: tl.constexpr, EPW: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out (N, K) = (q - z) * s in out's dtype (round to nearest even), one tile per program."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    k0 = pid_k * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
+    kmask = rk < K
+    rkw = k0 // EPW + tl.arange(0, BLOCK_K // EPW)
+    w = tl.load(w_ptr + rn[:, None] * stride_wn + rkw[None, :],
+                mask=nmask[:, None] & (rkw < KW)[None, :], other=0).to(tl.int32)
+    if not HAS_ZERO:
+        if EPW == 8:
+            w = w ^ -2004318072
+        else:
+            w = w ^ 0x88
+    gk = tl.minimum(rk, K - 1) // GROUP_SIZE
+    smask = nmask[:, None] & kmask[None, :]
+    s = tl.load(s_ptr + rn[:, None] * NG + gk[None, :], mask=smask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        c = tl.load(z_ptr + rn[:, None] * NG + gk[None, :], mask=smask, other=0).to(tl.float32)
+    else:
+        c = 8.0
+    f = _dequant(w, c, 1, EPW, BLOCK_N, BLOCK_K) * s
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], cast_rne(f, out_ptr.dtype.element_ty), mask=smask)
+
+
 def _prune(configs, named_args, **kwargs):
     """Prefer configs whose K tile lies inside one scale group (cheap per-tile scaling); no
     split-K for large M (the fp32 workspace would cost more than it saves)."""
@@ -463,6 +507,12 @@ _KERNELS = {"gemv": _w4a16_gemv_kernel, "decode": _w4a16_kernel, "gemm": _w4a16_
 _TUNED = {r: autotune(cfgs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_KERNELS[r])
           for r, cfgs in _LISTS.items()}
 _COUNTERS: dict = {}
+_BEST: dict = {}          # launch key -> triton.Config picked by the autotuner (skips its per-call cost)
+# per regime: (largest SPLIT_K, smallest BLOCK_M (None: set by the launcher), smallest BLOCK_N)
+_LIST_LIMITS = {r: (max(c.kwargs["SPLIT_K"] for c in cfgs),
+                    min((c.kwargs["BLOCK_M"] for c in cfgs if "BLOCK_M" in c.kwargs), default=None),
+                    min(c.kwargs["BLOCK_N"] for c in cfgs))
+                for r, cfgs in _LISTS.items()}
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
@@ -477,7 +527,7 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def w4a16_regime(m: int) -> str:
-    """Kernel regime for M tokens: 'gemv' (M <= 3), 'decode' (M <= 16) or 'gemm'."""
+    """Kernel regime for M tokens: 'gemv' (M <= 2), 'decode' (M <= 16) or 'gemm'."""
     return "gemv" if m <= GEMV_MAX_M else ("decode" if m <= DECODE_MAX_M else "gemm")
 
 
@@ -504,14 +554,17 @@ def _launch(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype, config=No
         meta.update(MODE=_MODE[regime], DOT_F32=interpret_mode() and x.dtype == torch.bfloat16)
     if regime == "decode":
         meta.update(BLOCK_M=16, GROUP_M=1)
-    cfgs = [config] if config is not None else _LISTS[regime]
-    if regime == "gemm" and config is None and m > GEMM_SPLIT_MAX_M:
-        cfgs = [c for c in cfgs if c.kwargs["SPLIT_K"] == 1] or cfgs
-    split_max = max(c.kwargs["SPLIT_K"] for c in cfgs)
-    tiles_max = max(triton.cdiv(m, c.kwargs.get("BLOCK_M", meta.get("BLOCK_M")))
-                    * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in cfgs)
+    if config is not None:
+        split_max = config.kwargs["SPLIT_K"]
+        min_bm = config.kwargs.get("BLOCK_M", meta.get("BLOCK_M"))
+        min_bn = config.kwargs["BLOCK_N"]
+    else:
+        split_max, min_bm, min_bn = _LIST_LIMITS[regime]
+        if regime == "gemm" and m > GEMM_SPLIT_MAX_M:
+            split_max = 1
+        min_bm = min_bm or meta["BLOCK_M"]
     ws = torch.empty(split_max * m * n if split_max > 1 else 1, dtype=torch.float32, device=x.device)
-    cnt = _counters(x.device, tiles_max)
+    cnt = _counters(x.device, triton.cdiv(m, min_bm) * triton.cdiv(n, min_bn))
 
     def grid(cfg):
         tiles_m = triton.cdiv(m, cfg["BLOCK_M"])
@@ -525,21 +578,95 @@ def _launch(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype, config=No
             m, n, k, w.shape[1], k // group_size, m_bucket(m),
             x.stride(0), w.stride(0))
     if config is None:
-        _TUNED[regime][grid](*args, **meta)
-    else:
-        full = {**meta, **config.kwargs}
-        _KERNELS[regime][grid(full)](*args, **full, num_warps=config.num_warps,
-                                     num_stages=config.num_stages)
+        key = (regime, m_bucket(m), n, k, group_size, epw, x.dtype, w_scale.dtype, out_dtype,
+               w_zero is not None, bias is not None, bias.dtype if bias is not None else None,
+               x.device)
+        config = _BEST.get(key)
+        if config is None:                   # first call: autotune, then remember the winner
+            tuner = _TUNED[regime]
+            tuner[grid](*args, **meta)
+            best = getattr(tuner, "best_config", None)
+            if best is not None:
+                _BEST[key] = best
+            return y
+    full = {**meta, **config.kwargs}
+    _KERNELS[regime][grid(full)](*args, **full, num_warps=config.num_warps,
+                                 num_stages=config.num_stages)
     return y
+
+
+def dequantize_int4(w_packed: torch.Tensor, w_scale: torch.Tensor, group_size: int, k: int,
+                    dtype: torch.dtype, w_zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``W = (q - z) * s`` as a dense (N, k) tensor of `dtype` (one Triton pass over the packed
+    weights; used by the large-M path, which then calls cuBLAS). Inputs as `w4a16_matmul`."""
+    n = w_packed.shape[0]
+    out = torch.empty((n, k), dtype=dtype, device=w_packed.device)
+    if k % 8 == 0 and w_packed.data_ptr() % 4 == 0:
+        w, epw = w_packed.view(torch.int32), 8
+    else:
+        w, epw = w_packed, 2
+    block_n, block_k = 32, 128
+    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        w, w_scale, w_zero if w_zero is not None else w_scale, out, n, k, w.shape[1],
+        k // group_size, w.stride(0), GROUP_SIZE=group_size, EPW=epw,
+        HAS_ZERO=w_zero is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+def _dequant_matmul(x, w_packed, w_scale, w_zero, bias, group_size):
+    """Large-M path: dequantize once, then the vendor GEMM (cuBLAS) in x's dtype."""
+    w = dequantize_int4(w_packed, w_scale, group_size, x.shape[1], x.dtype, w_zero)
+    if bias is None:
+        return x @ w.T
+    return torch.addmm(bias, x, w.T)
+
+
+GEMM_PATH_OVERRIDE: Optional[str] = None
+"""Force the M > 16 path: "fused" (the Triton GEMM) or "dequant" (dequantize + cuBLAS); None:
+measure both once per (M bucket, N, K, group, dtype) on the device and keep the faster."""
+_GEMM_PATH: dict = {}
+
+
+def _gemm_path(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype) -> str:
+    """Which implementation serves the gemm regime for this problem (see GEMM_PATH_OVERRIDE).
+    The dequant path needs the output in x's dtype and a bias (if any) of x's dtype."""
+    if out_dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return "fused"
+    if GEMM_PATH_OVERRIDE is not None:
+        return GEMM_PATH_OVERRIDE
+    if interpret_mode() or x.device.type != "cuda":
+        return "fused"
+    m, k = x.shape
+    key = (m_bucket(m), w_packed.shape[0], k, group_size, x.dtype, w_zero is not None, x.device)
+    path = _GEMM_PATH.get(key)
+    if path is None and torch.cuda.is_current_stream_capturing():
+        return "fused"                        # never time inside a CUDA-graph capture
+    if path is None:
+        from triton.testing import do_bench
+        fused = lambda: _launch(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype)  # noqa: E731
+        deq = lambda: _dequant_matmul(x, w_packed, w_scale, w_zero, bias, group_size)      # noqa: E731
+        fused()                                            # autotune outside the comparison
+        t_fused = do_bench(fused, warmup=5, rep=20, return_mode="median")
+        t_deq = do_bench(deq, warmup=5, rep=20, return_mode="median")
+        path = "fused" if t_fused <= t_deq else "dequant"
+        _GEMM_PATH[key] = path
+    return path
+
+
+def _w4a16_impl(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype):
+    if fallback_to_reference(x, "w4a16_matmul"):
+        return _reference_path(x, w_packed, w_scale, w_zero, bias, group_size).to(out_dtype)
+    if (w4a16_regime(x.shape[0]) == "gemm"
+            and _gemm_path(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype) == "dequant"):
+        return _dequant_matmul(x, w_packed, w_scale, w_zero, bias, group_size)
+    return _launch(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype)
 
 
 @torch.library.custom_op(op_name("w4a16_matmul"), mutates_args=())
 def _w4a16_op(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
               w_zero: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int,
               out_dtype: torch.dtype) -> torch.Tensor:
-    if fallback_to_reference(x, "w4a16_matmul"):
-        return _reference_path(x, w_packed, w_scale, w_zero, bias, group_size).to(out_dtype)
-    return _launch(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype)
+    return _w4a16_impl(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype)
 
 
 @_w4a16_op.register_fake
@@ -555,6 +682,23 @@ def _reference_path(x, w_packed, w_scale, w_zero, bias, group_size):
     if w_zero is not None:
         w_q = w_q.to(torch.uint8)
     return reference.w4a16_linear(x, w_q, w_scale, group_size=group_size, w_zero=w_zero, bias=bias)
+
+
+def _validate_fast(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype):
+    """Metadata-only check of the common call (uint8 weights, no zero/bias, default output);
+    True when it is valid. Anything else goes through `_validate` (full checks, clear errors)."""
+    return (w_zero is None and bias is None and out_dtype is None and type(group_size) is int
+            and isinstance(x, torch.Tensor) and isinstance(w_packed, torch.Tensor)
+            and isinstance(w_scale, torch.Tensor)
+            and x.dtype in _X_DTYPES and w_packed.dtype == torch.uint8
+            and w_scale.dtype in _SCALE_DTYPES
+            and x.dim() == 2 and w_packed.dim() == 2 and w_scale.dim() == 2
+            and group_size > 0 and x.shape[1] % group_size == 0 and x.shape[0] > 0
+            and w_packed.shape[0] > 0 and w_packed.shape[1] == (x.shape[1] + 1) // 2
+            and w_scale.shape[0] == w_packed.shape[0] and w_scale.shape[1] * group_size == x.shape[1]
+            and x.is_contiguous() and w_packed.is_contiguous() and w_scale.is_contiguous()
+            and x.device == w_packed.device == w_scale.device
+            and (x.device.type == "cuda" or interpret_mode()))
 
 
 def _validate(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype):
@@ -624,6 +768,12 @@ def w4a16_matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
     lead = tuple(x.shape[:-1])
     if x.dim() > 2:
         x = x.reshape(-1, x.shape[-1])
-    w_packed, out_dtype = _validate(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype)
-    y = _w4a16_op(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype)
+    if _validate_fast(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype):
+        out_dtype = x.dtype
+    else:
+        w_packed, out_dtype = _validate(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype)
+    # the custom op makes the kernel traceable by torch.compile; eager calls skip its dispatch
+    # (measured: ~190 us of host time per call on the H100 VM, more than the kernel itself)
+    impl = _w4a16_op if torch.compiler.is_compiling() else _w4a16_impl
+    y = impl(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype)
     return y.reshape(*lead, y.shape[-1]) if len(lead) != 1 else y

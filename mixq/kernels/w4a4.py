@@ -58,7 +58,7 @@ tail step in every tile, cost 15-45% at M = 2048; see scripts/KERNEL_NOTES.md.)
 Tiling and autotuning: one small config list per M regime (M <= 32, <= 1024, larger), keyed on
 an M bucket, N, K and the variant flags. Configs may use a persistent grid (one program per SM
 striding over the tiles in a flattened loop, so the next tile's loads overlap the epilogue).
-Environment knobs: ``MIXQ_AUTOTUNE=0`` (first config only, for fast CUDA test runs) and
+Environment knobs: ``MIXQ_NO_AUTOTUNE=1`` (first config only, for fast CUDA test runs) and
 ``MIXQ_W4A4_PERSISTENT=0`` (drop persistent configs).
 
 Small M (decode, M <= ~16 tokens) is bound by reading weights, not by math: callers such as a
@@ -83,8 +83,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mixq.kernels._triton import (autotune, check_kernel_device, check_same_device,
-                                  fallback_to_reference, interpret_mode, m_bucket, op_name)
+from mixq.kernels._triton import (autotune, autotune_configs, check_kernel_device,
+                                  check_same_device, fallback_to_reference, interpret_mode,
+                                  m_bucket, op_name)
 from mixq.validation import check_tensor
 
 __all__ = ["W4A4_BLOCK_K", "prepare_w4a4_weight", "unprepare_w4a4_weight", "w4a4_gemm",
@@ -122,13 +123,12 @@ _CONFIGS_LARGE = [_cfg(128, 128, 8, 4), _cfg(128, 128, 4, 4), _cfg(256, 128, 8, 
 
 def _tune_list(configs: list) -> list:
     """The autotune list actually used. Environment knobs (GPU runs only; the interpreter always
-    takes the first config): MIXQ_AUTOTUNE=0 keeps only the first config (fast CUDA test runs);
-    MIXQ_W4A4_PERSISTENT=0 drops the persistent-grid configs."""
+    takes the first config): MIXQ_NO_AUTOTUNE=1 keeps only the first config (fast CUDA test
+    runs, see `_triton.autotune_configs`); MIXQ_W4A4_PERSISTENT=0 drops the persistent-grid
+    configs."""
     if os.environ.get("MIXQ_W4A4_PERSISTENT", "1").strip() == "0":
         configs = [c for c in configs if not c.kwargs["PERSISTENT"]]
-    if os.environ.get("MIXQ_AUTOTUNE", "1").strip() == "0":
-        return configs[:1]
-    return configs
+    return autotune_configs(configs)
 
 
 # ------------------------------------------------------------------------------------------

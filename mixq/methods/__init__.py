@@ -1,5 +1,10 @@
-"""PTQ methods: transforms (SmoothQuant, AWQ, rotation) and weight quantizers (RTN, clip, GPTQ)
-applied per decoder layer through `LayerContext` (see mixq.methods.base for the protocol)."""
+"""PTQ methods applied per decoder layer through `LayerContext` (protocol: mixq.methods.base).
+
+Transforms (float function unchanged): SmoothQuant, AWQ, Rotation. Weight quantizers (fill
+``ctx.qweights``): RTN, Clip, GPTQ. Mixed-precision decisions: OutlierChannels (FP16 input
+channels), LayerwiseQuant (chosen kinds / layers at W8A8). Order in ``config.methods``:
+decisions and transforms first, then at most one weight quantizer per linear.
+"""
 from mixq.methods.awq import AWQ
 from mixq.methods.base import LayerContext, Method, fold_scale, output_error, quantized_output
 from mixq.methods.clip import Clip

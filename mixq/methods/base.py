@@ -503,7 +503,7 @@ def quantized_output(linear: nn.Linear, x: torch.Tensor, *, w_spec: QuantSpec,
 
         x <- x @ Q                      (input_transform Q, if any; W is already W_orig Q)
         [x_reg | x_out] = x[:, perm]    (perm = outlier_permutation(K, outlier_idx))
-        y = Q_a(x_reg) @ Q_w(W_reg)^T + fp16(x_out) @ fp16(W_out)^T + b
+        y = Q_a(x_reg) @ Q_w(W_reg)^T + fp16(x_out) @ fp16(W_out)^T + fp16(b)
 
     with Q_w = `qweight` (or RTN with `w_spec`) and Q_a per-token symmetric `act_bits`
     (None = float activations). For 4-bit symmetric row/group weights and 4-bit activations
@@ -543,7 +543,8 @@ def quantized_output(linear: nn.Linear, x: torch.Tensor, *, w_spec: QuantSpec,
         y = x_reg @ w_deq.T
     if x_out.shape[1]:
         y = y + x_out.half().float() @ w_out.half().float().T
-    return y if linear.bias is None else y + linear.bias.detach().float()
+    # the quantized modules store the bias in fp16 (mixq.nn), so round it the same way
+    return y if linear.bias is None else y + linear.bias.detach().half().float()
 
 
 def output_error(ctx: LayerContext, name: str, x: torch.Tensor | None = None, *,

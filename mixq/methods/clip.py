@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mixq.methods.base import (LayerContext, check_int, check_number, hessian_of, regular_weight,
-                               quantize_with_scale, weight_block_cols, weight_grid, dequantize_qweight,
-                               _padded_shape)
+                               quantize_with_scale, weight_block_cols, weight_grid, dequantize_qweight)
 from mixq.quant import QTensor
 
 __all__ = ["Clip", "clip_search"]
