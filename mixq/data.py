@@ -19,6 +19,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def project_dir(name: str) -> Path:
+    """``<repo>/<name>`` in a source checkout (also an editable install), whatever the cwd
+    (repo root or notebooks/); ``./<name>`` for a plain pip install. E.g.
+    ``project_dir("figures")``, ``project_dir("results")``."""
+    return (REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()) / name
+
+
 def data_roots() -> list[Path]:
     """Candidate data roots, in search order (existing or not)."""
     roots: list[Path] = []

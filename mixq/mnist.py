@@ -60,8 +60,7 @@ SMOKE_FRACTIONS = (0.01, 0.05)
 def figures_dir() -> Path:
     """Where figures go: ``<repo>/figures`` in a source checkout (also an editable install),
     whatever the cwd (repo root or notebooks/); ``./figures`` for a plain pip install."""
-    root = _data.REPO_ROOT
-    return (root if (root / "pyproject.toml").is_file() else Path.cwd()) / "figures"
+    return _data.project_dir("figures")
 
 
 DEFAULT_FIGURE = figures_dir() / "mnist_accuracy_vs_outliers.png"

@@ -24,6 +24,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from mixq.data import project_dir  # re-exported: notebooks call plots.project_dir
+
 __all__ = ["GEMM_PLOT_MODES", "REQUIRED_ROW_KEYS", "project_dir", "load_gemm_results",
            "gemm_speedup_plot"]
 
@@ -49,14 +51,6 @@ _LABELS = {
 # seaborn "colorblind" palette indices: peers in orange / green / grey, mixq in purple / blue / red
 _COLOR_INDEX = {"fp8_scaled_mm": 1, "int8_int_mm": 2, "tinygemm_w4a16": 7, "mixq_w4a16": 4,
                 "mixq_w4a4": 0, "mixq_w4a4_outliers": 3, "mixq_w4a4+quant": 5}
-
-
-def project_dir(name: str) -> Path:
-    """``<repo>/<name>`` in a source checkout (also an editable install), whatever the cwd;
-    ``./<name>`` for a plain pip install. E.g. ``project_dir("figures")``,
-    ``project_dir("results")``."""
-    root = Path(__file__).resolve().parent.parent
-    return (root if (root / "pyproject.toml").is_file() else Path.cwd()) / name
 
 
 def _check_rows(rows, where: str) -> list[dict]:

@@ -109,6 +109,14 @@ def _check_x(x: torch.Tensor, k: int, name: str = "x") -> None:
                          f"got shape {tuple(x.shape)}")
 
 
+def _check_int8_linear(x: torch.Tensor, w_q: torch.Tensor) -> tuple[int, int]:
+    """Check an int8 (N, K) `w_q` and (M, K) float activations `x`; return (N, K)."""
+    check_tensor(w_q, "w_q", ndim=2, dtypes=(torch.int8,))
+    n, k = w_q.shape
+    _check_x(x, k)
+    return n, k
+
+
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if bias is None:
         return y
@@ -144,9 +152,7 @@ def w4a4_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, *,
     Returns:
         float32 (M, N).
     """
-    check_tensor(w_q, "w_q", ndim=2, dtypes=(torch.int8,))
-    n, k = w_q.shape
-    _check_x(x, k)
+    n, k = _check_int8_linear(x, w_q)
     _check_range(w_q, "w_q", -8, 7)
     g = _check_w_scale(w_scale, n, k, group_size)
     x_q, x_scale = quantize_per_token(x, 4)
@@ -243,9 +249,7 @@ def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, *,
     Returns:
         float32 (M, N).
     """
-    check_tensor(w_q, "w_q", ndim=2, dtypes=(torch.int8,))
-    n, k = w_q.shape
-    _check_x(x, k)
+    n, k = _check_int8_linear(x, w_q)
     _check_w_scale(w_scale, n, k, None)
     x_q, x_scale = quantize_per_token(x, 8)
     y = int_matmul(x_q, w_q).float() * w_scale.float().T

@@ -10,34 +10,12 @@ from torch import nn
 from mixq import outliers, quant, reference
 from mixq.api import RotatedInputLinear, build_quantized_linear, quantize, regular_weight
 from mixq.config import ALL_TARGETS, QuantConfig, QuantSpec
-from mixq.data import find_data
 from mixq.nn import FP16Linear, W4A4Linear, W4A16Linear, W8A8Linear
 
 transformers = pytest.importorskip("transformers")
 
 LLAMA_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-@pytest.fixture(scope="module")
-def float_llama():
-    path = find_data("stories260k", required=False)
-    if path is None:
-        pytest.skip("stories260k not staged")
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-@pytest.fixture
-def llama(float_llama):
-    return copy.deepcopy(float_llama)
-
-
-def tiny_opt():
-    cfg = transformers.OPTConfig(vocab_size=97, hidden_size=24, num_hidden_layers=2, ffn_dim=40,
-                                 num_attention_heads=3, max_position_embeddings=64,
-                                 word_embed_proj_dim=24)
-    torch.manual_seed(0)
-    return transformers.OPTForCausalLM(cfg).eval()
 
 
 def _rel(a, b):
@@ -194,7 +172,7 @@ def test_targets_skip_overrides_lm_head(llama):
     assert out.shape == (1, 6)
 
 
-def test_opt_w4a4(seed):
+def test_opt_w4a4(tiny_opt, seed):
     model = tiny_opt()
     ref_model = copy.deepcopy(model)
     ids = torch.randint(0, 97, (2, 17))

@@ -6,32 +6,9 @@ import torch
 
 from mixq.calibrate import (LayerStats, LinearStats, StatsAccumulator, calibrate_layerwise,
                             calibration_batches, capture_layer_inputs)
-from mixq.data import find_data
 from mixq.models import get_adapter
 
-transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def stories_dir():
-    path = find_data("stories260k", required=False)
-    if path is None:
-        pytest.skip("stories260k not staged")
-    return path
-
-
-@pytest.fixture
-def llama(stories_dir):
-    model = transformers.AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
-    return model.eval()
-
-
-def tiny_opt():
-    cfg = transformers.OPTConfig(vocab_size=97, hidden_size=24, num_hidden_layers=2, ffn_dim=40,
-                                 num_attention_heads=3, max_position_embeddings=64,
-                                 word_embed_proj_dim=24)
-    torch.manual_seed(0)
-    return transformers.OPTForCausalLM(cfg).eval()
+pytest.importorskip("transformers")
 
 
 # ------------------------------------------------------------------------------- accumulator
@@ -100,7 +77,7 @@ def _hooked_absmax(model, ids, prefix_fn, n_layers, groups_fn):
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_layerwise_stats_equal_full_forward(family, llama, seed):
+def test_layerwise_stats_equal_full_forward(family, llama, tiny_opt, seed):
     model = llama if family == "llama" else tiny_opt()
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (3, 19))
@@ -179,8 +156,7 @@ def test_capture_layer_inputs(llama, seed):
 
 
 # ------------------------------------------------------------------------------- batches
-def test_calibration_batches(stories_dir):
-    tok = transformers.AutoTokenizer.from_pretrained(stories_dir)
+def test_calibration_batches(tok):
     a = calibration_batches(tok, n_samples=4, seqlen=33, seed=1)
     b = calibration_batches(tok, n_samples=4, seqlen=33, seed=1)
     c = calibration_batches(tok, n_samples=4, seqlen=33, seed=2)

@@ -13,26 +13,7 @@ from mixq.eval import (perplexity, rows_to_raw_text, tokens_per_second, weight_b
                        wikitext2_text)
 from mixq.nn import QuantLinearBase
 
-transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def stories_dir():
-    path = find_data("stories260k", required=False)
-    if path is None:
-        pytest.skip("stories260k not staged")
-    return path
-
-
-@pytest.fixture(scope="module")
-def llama(stories_dir):
-    model = transformers.AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def tok(stories_dir):
-    return transformers.AutoTokenizer.from_pretrained(stories_dir)
+pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("split", ["test", "valid"])
@@ -49,10 +30,10 @@ def test_datasets_rows_rebuild_raw_file(split):
         wikitext2_text("train")
 
 
-def test_perplexity_matches_hf_loss(llama, tok):
+def test_perplexity_matches_hf_loss(float_llama, tok):
     text = wikitext2_text("test")[:2500]
     seqlen = 96
-    r = perplexity(llama, tok, text=text, seqlen=seqlen, progress=False)
+    r = perplexity(float_llama, tok, text=text, seqlen=seqlen, progress=False)
     ids = tok(text, return_tensors="pt").input_ids[0]
     n = ids.numel()
     assert r["n_windows"] == math.ceil((n - 1) / seqlen)
@@ -61,20 +42,20 @@ def test_perplexity_matches_hf_loss(llama, tok):
     with torch.no_grad():
         for s in range(0, n - 1, seqlen):
             w = ids[s:s + seqlen][None]
-            nll += float(llama(w, labels=w).loss) * (w.shape[1] - 1)
+            nll += float(float_llama(w, labels=w).loss) * (w.shape[1] - 1)
     assert r["ppl"] == pytest.approx(math.exp(nll / r["n_tokens"]), rel=1e-4)
-    again = perplexity(llama, tok, text=text, seqlen=seqlen, batch_size=3, progress=False)
+    again = perplexity(float_llama, tok, text=text, seqlen=seqlen, batch_size=3, progress=False)
     assert again["n_tokens"] == r["n_tokens"]
     assert again["ppl"] == pytest.approx(r["ppl"], rel=1e-5)
 
 
-def test_perplexity_wikitext_windows(llama, tok):
-    a = perplexity(llama, tok, max_windows=2, progress=False)       # default seqlen: 512
-    b = perplexity(llama, tok, max_windows=2, progress=False)
+def test_perplexity_wikitext_windows(float_llama, tok):
+    a = perplexity(float_llama, tok, max_windows=2, progress=False)       # default seqlen: 512
+    b = perplexity(float_llama, tok, max_windows=2, progress=False)
     assert a == b and a["seqlen"] == 512 and a["n_windows"] == 2 and a["n_tokens"] == 2 * 511
     assert math.isfinite(a["ppl"]) and a["ppl"] > 1
     text = wikitext2_text("valid")[:4000]
-    c = perplexity(llama, tok, text=text, seqlen=100, max_tokens=250, progress=False)
+    c = perplexity(float_llama, tok, text=text, seqlen=100, max_tokens=250, progress=False)
     assert c["n_windows"] == 3 and c["n_tokens"] == 99 + 99 + 49
 
 
@@ -83,24 +64,24 @@ def test_perplexity_wikitext_windows(llama, tok):
     (dict(max_windows=0), "max_windows"), (dict(batch_size=0), "batch_size"),
     (dict(split="train"), "split"), (dict(text="x", max_tokens=1), "nothing to score"),
 ])
-def test_perplexity_bad_args(llama, tok, kwargs, match):
+def test_perplexity_bad_args(float_llama, tok, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        perplexity(llama, tok, progress=False, **kwargs)
+        perplexity(float_llama, tok, progress=False, **kwargs)
 
 
-def test_tokens_per_second(llama):
-    r = tokens_per_second(llama, prompt_len=16, new_tokens=3, warmup=0, repeats=1)
+def test_tokens_per_second(float_llama):
+    r = tokens_per_second(float_llama, prompt_len=16, new_tokens=3, warmup=0, repeats=1)
     assert r["prompt_len"] == 16 and r["new_tokens"] == 3
     assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0
     with pytest.raises(ValueError, match="new_tokens"):
-        tokens_per_second(llama, new_tokens=0)
+        tokens_per_second(float_llama, new_tokens=0)
 
 
-def test_weight_bytes(llama):
-    uniq = {id(p): p for p in llama.parameters()}      # tied embedding counted once
+def test_weight_bytes(float_llama):
+    uniq = {id(p): p for p in float_llama.parameters()}      # tied embedding counted once
     expect = sum(p.numel() * p.element_size() for p in uniq.values())
-    assert weight_bytes(llama) == expect
-    q = copy.deepcopy(llama)
+    assert weight_bytes(float_llama) == expect
+    q = copy.deepcopy(float_llama)
     quantize(q, QuantConfig(), progress=False)
     qmods = [m for m in q.modules() if isinstance(m, QuantLinearBase)]
     rest = {id(p): p for p in q.parameters()}

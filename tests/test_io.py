@@ -8,24 +8,9 @@ import torch
 
 from mixq.api import quantize
 from mixq.config import QuantConfig, QuantSpec
-from mixq.data import find_data
 from mixq.io import CONFIG_NAME, WEIGHTS_NAME, load_quantized, save_quantized
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def stories_dir():
-    path = find_data("stories260k", required=False)
-    if path is None:
-        pytest.skip("stories260k not staged")
-    return path
-
-
-@pytest.fixture(scope="module")
-def float_llama(stories_dir):
-    model = transformers.AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -142,33 +127,22 @@ def _edit_meta(path, tmp_path, fn):
     return d
 
 
-def test_mismatched_config_and_shapes(saved, tmp_path):
+@pytest.mark.parametrize("keys, value, match", [
+    (("model_config", "num_hidden_layers"), 4, "does not exist|unexpected"),      # fewer layers
+    (("model_config", "intermediate_size"), 176, "shape|->"),                     # wider
+    (("modules", "model.layers.0.mlp.up_proj", "class"), "W3A3Linear", "unknown class"),
+    (("quant_config", "outlier_frac"), 3.0, "outlier_frac"),
+    (("format",), "other", "not a mixq"),
+], ids=["fewer_layers", "wider", "bad_class", "bad_quant_config", "not_mixq"])
+def test_mismatched_config_and_shapes(saved, tmp_path, keys, value, match):
     _model, path = saved
 
-    def fewer_layers(meta):
-        meta["model_config"]["num_hidden_layers"] = 4
-    with pytest.raises(ValueError, match="does not exist|unexpected"):
-        load_quantized(_edit_meta(path, tmp_path / "a", fewer_layers))
-
-    def wider(meta):
-        meta["model_config"]["intermediate_size"] = 176
-    with pytest.raises(ValueError, match="shape|->"):
-        load_quantized(_edit_meta(path, tmp_path / "b", wider))
-
-    def bad_class(meta):
-        meta["modules"]["model.layers.0.mlp.up_proj"]["class"] = "W3A3Linear"
-    with pytest.raises(ValueError, match="unknown class"):
-        load_quantized(_edit_meta(path, tmp_path / "c", bad_class))
-
-    def bad_quant_config(meta):
-        meta["quant_config"]["outlier_frac"] = 3.0
-    with pytest.raises(ValueError, match="outlier_frac"):
-        load_quantized(_edit_meta(path, tmp_path / "d", bad_quant_config))
-
-    def not_mixq(meta):
-        meta["format"] = "other"
-    with pytest.raises(ValueError, match="not a mixq"):
-        load_quantized(_edit_meta(path, tmp_path / "e", not_mixq))
+    def edit(meta):
+        for key in keys[:-1]:
+            meta = meta[key]
+        meta[keys[-1]] = value
+    with pytest.raises(ValueError, match=match):
+        load_quantized(_edit_meta(path, tmp_path, edit))
 
 
 def test_save_needs_quantized_model(float_llama, tmp_path):

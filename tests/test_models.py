@@ -3,34 +3,18 @@ import pytest
 import torch
 from torch import nn
 
-from mixq.data import find_data
 from mixq.models import (LinearGroup, LlamaAdapter, OPTAdapter, SUPPORTED_MODEL_TYPES,
                          get_adapter, linear_kind)
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def llama():
-    path = find_data("stories260k", required=False)
-    if path is None:
-        pytest.skip("stories260k not staged")
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def tiny_opt(pre_norm: bool = True):
-    cfg = transformers.OPTConfig(vocab_size=97, hidden_size=24, num_hidden_layers=2, ffn_dim=40,
-                                 num_attention_heads=3, max_position_embeddings=64,
-                                 word_embed_proj_dim=24, do_layer_norm_before=pre_norm)
-    torch.manual_seed(0)
-    return transformers.OPTForCausalLM(cfg).eval()
-
-
-def test_llama_groups(llama):
-    adapter = get_adapter(llama)
+def test_llama_groups(float_llama):
+    adapter = get_adapter(float_llama)
     assert isinstance(adapter, LlamaAdapter)
-    layers = adapter.layers(llama)
-    assert layers is llama.model.layers and len(layers) == llama.config.num_hidden_layers
+    layers = adapter.layers(float_llama)
+    assert layers is float_llama.model.layers
+    assert len(layers) == float_llama.config.num_hidden_layers
     assert adapter.layer_prefix(3) == "model.layers.3"
     for layer in layers:
         groups = adapter.linear_groups(layer)
@@ -47,11 +31,11 @@ def test_llama_groups(llama):
         assert m_out.prev_linear is layer.mlp.up_proj and m_out.in_features == 172
 
 
-def test_gqa_channel_map_folds_exactly(llama, seed):
+def test_gqa_channel_map_folds_exactly(float_llama, seed):
     """Scaling v_proj row r by s_r and o_proj column c by 1/s_map[c] keeps the layer's output."""
     import copy
-    layer = copy.deepcopy(llama.model.layers[1])
-    groups = get_adapter(llama).linear_groups(layer)
+    layer = copy.deepcopy(float_llama.model.layers[1])
+    groups = get_adapter(float_llama).linear_groups(layer)
     a_out = groups[1]
     cmap = a_out.prev_channel_map
     n_kv = layer.self_attn.v_proj.out_features
@@ -60,7 +44,7 @@ def test_gqa_channel_map_folds_exactly(llama, seed):
                        torch.full((n_kv,), cmap.numel() // n_kv))
     h = torch.randn(2, 11, 64)
     pos = torch.arange(11)[None].expand(2, -1)
-    emb = llama.model.rotary_emb(h, pos)
+    emb = float_llama.model.rotary_emb(h, pos)
     with torch.no_grad():
         ref = layer(h, position_embeddings=emb, position_ids=pos)
         s = torch.rand(n_kv) + 0.5
@@ -73,7 +57,7 @@ def test_gqa_channel_map_folds_exactly(llama, seed):
 
 
 @pytest.mark.parametrize("pre_norm", [True, False])
-def test_opt_groups(pre_norm):
+def test_opt_groups(pre_norm, tiny_opt):
     model = tiny_opt(pre_norm)
     adapter = get_adapter(model)
     assert isinstance(adapter, OPTAdapter)

@@ -352,14 +352,20 @@ def fold_scale(ctx: LayerContext, group, s: torch.Tensor) -> None:
     _scale_stats(ctx, group, s)
 
 
-def _scale_stats(ctx: LayerContext, group, s: torch.Tensor) -> None:  # noqa: D401
-    """Stats of inputs x / s (in place on the stats objects, shared or not)."""
+def _unique_stats(ctx: LayerContext, group):
+    """The stats objects of `group`'s linears, each once (linears of a group may share one)."""
     seen = set()
     for n in group.names:
         st = ctx.stats[n]
         if id(st) in seen:
             continue
         seen.add(id(st))
+        yield st
+
+
+def _scale_stats(ctx: LayerContext, group, s: torch.Tensor) -> None:  # noqa: D401
+    """Stats of inputs x / s (in place on the stats objects, shared or not)."""
+    for st in _unique_stats(ctx, group):
         sf = s.float().to(st.absmax.device)
         st.absmax = st.absmax / sf
         st.mean_abs = st.mean_abs / sf

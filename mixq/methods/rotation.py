@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mixq.methods.base import (LayerContext, _check_group_free, _scale_stats, check_choice, check_int,
-                               fold_norm_into_linears, head_layout)
+from mixq.methods.base import (LayerContext, _check_group_free, _scale_stats, _unique_stats,
+                               check_choice, check_int, fold_norm_into_linears, head_layout)
 from mixq.methods.smoothquant import GROUP_KINDS
 
 __all__ = ["Rotation", "hadamard", "rotate_stats"]
@@ -79,12 +79,7 @@ def hadamard(n: int, *, seed: int = 0, random_signs: bool = False) -> torch.Tens
 def rotate_stats(ctx: LayerContext, group, q: torch.Tensor) -> None:
     """Stats of the inputs x Q: inputs @ Q, hessian Q^T H Q; absmax / mean_abs / std recomputed
     from the stored input rows (left as they were when no rows are stored)."""
-    seen = set()
-    for n in group.names:
-        st = ctx.stats[n]
-        if id(st) in seen:
-            continue
-        seen.add(id(st))
+    for st in _unique_stats(ctx, group):
         if getattr(st, "hessian", None) is not None:
             qd = q.to(st.hessian.device).double()
             st.hessian = (qd.T @ st.hessian.double() @ qd).float()
