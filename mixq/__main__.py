@@ -5,6 +5,7 @@ Commands:
     bench gemm [ARGS...]                            GEMM benchmarks (forwarded to mixq.bench.main)
     quantize [ARGS...]                              quantize a Hugging Face LLM (mixq.cli_llm)
     eval [ARGS...]                                  WikiText-2 perplexity / speed (mixq.cli_llm)
+    sweep [ARGS...]                                 the LLM results matrix (mixq.sweep)
 
 Thin on purpose: every command parses its flags and calls one library function.
 """
@@ -42,7 +43,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_llm(args: argparse.Namespace) -> int:
-    from mixq import cli_llm  # lazy: pulls in transformers
+    if args.command == "sweep":
+        from mixq import sweep  # lazy: pulls in transformers
+        return int(sweep.main(args.rest) or 0)
+    from mixq import cli_llm
 
     run = cli_llm.quantize_main if args.command == "quantize" else cli_llm.eval_main
     return int(run(args.rest) or 0)
@@ -68,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     for name, what in (("quantize", "quantize a Hugging Face LLM and save it"),
-                       ("eval", "WikiText-2 perplexity and speed of a (quantized) LLM")):
+                       ("eval", "WikiText-2 perplexity and speed of a (quantized) LLM"),
+                       ("sweep", "the LLM results matrix: every method and outlier fraction")):
         p = sub.add_parser(name, help=what, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER,
                        help=f"arguments for mixq.cli_llm ({name} --help lists them)")
@@ -79,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("quantize", "eval"):
+    if argv and argv[0] in ("quantize", "eval", "sweep"):
         # forwarded whole: argparse's REMAINDER would swallow flags such as --help itself
         return _cmd_llm(argparse.Namespace(command=argv[0], rest=argv[1:]))
     args = build_parser().parse_args(argv)

@@ -12,6 +12,9 @@ None for a mode that could not run on that machine. `load_gemm_results` reads su
 rows) and `gemm_speedup_plot` draws one panel per shape: speedup over bf16 against M (log
 scale), one line per mode, bf16 itself as the dashed line at 1.
 
+For the LLM notebook: `channel_absmax_plot` (per-channel max |x| of linear inputs: activation
+outliers) and `perplexity_plot` (WikiText-2 perplexity by method and by FP16 outlier fraction).
+
 Plots are drawn on a `matplotlib.figure.Figure` (no pyplot, no global backend switch), so they
 work headless (Agg) and inside notebooks alike.
 """
@@ -27,7 +30,7 @@ from pathlib import Path
 from mixq.data import project_dir  # re-exported: notebooks call plots.project_dir
 
 __all__ = ["GEMM_PLOT_MODES", "REQUIRED_ROW_KEYS", "project_dir", "load_gemm_results",
-           "gemm_speedup_plot"]
+           "gemm_speedup_plot", "channel_absmax_plot", "perplexity_plot"]
 
 GEMM_PLOT_MODES = ("bf16", "fp8_scaled_mm", "int8_int_mm", "tinygemm_w4a16", "mixq_w4a16",
                    "mixq_w4a4", "mixq_w4a4_outliers", "mixq_w4a4+quant")
@@ -201,6 +204,143 @@ def gemm_speedup_plot(rows: Sequence[dict], path: str | os.PathLike | None = Non
                fontsize=9, frameon=False)
     gpu = next((r.get("gpu") for r in rows if r.get("gpu")), None)
     fig.suptitle(title or "GEMM speedup over bf16" + (f" on {gpu}" if gpu else ""))
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+# ------------------------------------------------------------------------------- LLM notebook plots
+def channel_absmax_plot(absmax, path: str | os.PathLike | None = None, *,
+                        ncols: int | None = None, title: str | None = None, log: bool = True):
+    """Per-channel max |x| of some linears' inputs, one panel per input (activation outliers).
+
+    Args:
+        absmax: mapping ``{label: 1-D values}`` (torch tensor, numpy array or sequence; e.g.
+            ``LinearStats.absmax`` from `mixq.calibrate`), in panel order.
+        path: where to save the figure (PNG, dpi 120; parent folders created); None: not saved.
+        ncols: panels per row; default ``min(4, number of panels)``.
+        title: figure title; default "Per-channel max |x| at linear inputs".
+        log: log-scale y axis.
+    Returns:
+        the `matplotlib.figure.Figure`. Each panel draws the values against the channel index
+        (line gid "absmax") and the median as a dashed line (gid "median"); its title gives
+        ``max / median``.
+    Raises:
+        ValueError: no panels, an empty or non-1-D series, ncols < 1.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+    import seaborn as sns
+
+    if not hasattr(absmax, "items") or not absmax:
+        raise ValueError("channel_absmax_plot: absmax must be a non-empty mapping {label: values}")
+    if ncols is not None and (isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1):
+        raise ValueError(f"ncols must be a positive int or None, got {ncols!r}")
+    series = {}
+    for label, v in absmax.items():
+        arr = np.asarray(v.detach().float().cpu() if hasattr(v, "detach") else v, dtype=float)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"channel_absmax_plot: {label!r} must be a non-empty 1-D series, "
+                             f"got shape {arr.shape}")
+        series[str(label)] = np.abs(arr)
+    ncols = min(ncols or 4, len(series))
+    nrows = -(-len(series) // ncols)
+    with sns.axes_style("whitegrid"):
+        fig = Figure(figsize=(3.6 * ncols + 0.4, 2.8 * nrows + 0.7), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat[len(series):]:
+        ax.set_visible(False)
+    color = sns.color_palette("colorblind", 4)
+    for ax, (label, arr) in zip(axes.flat, series.items()):
+        med = float(np.median(arr))
+        ax.plot(np.arange(arr.size), arr, lw=0.8, color=color[0], gid="absmax")
+        ax.axhline(med, ls="--", lw=1.0, color=color[3], gid="median")
+        ratio = arr.max() / med if med > 0 else float("inf")
+        ax.set_title(f"{label}\nmax/median = {ratio:.1f}", fontsize=9)
+        if log and (arr > 0).any():
+            ax.set_yscale("log")
+        ax.set_xlabel("input channel")
+        ax.set_ylabel("max |x|")
+    fig.suptitle(title or "Per-channel max |x| at linear inputs")
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def perplexity_plot(rows: Sequence[dict], path: str | os.PathLike | None = None, *,
+                    baseline: str | None = None, title: str | None = None):
+    """Perplexity by method (bars) and against the FP16 outlier fraction (line).
+
+    Args:
+        rows: dicts with ``"name"`` (str) and ``"ppl"`` (float), optionally ``"outlier_frac"``
+            (float or None): the rows that have it form the line of the right panel (W4A4 RTN
+            as fraction 0 and the "+ outliers" rows); without any such row only the bar panel
+            is drawn.
+        path: where to save the figure (PNG, dpi 120; parent folders created); None: not saved.
+        baseline: name of the reference row (e.g. "FP16"), drawn as a dashed line in both
+            panels (gid "baseline"); None: none.
+        title: figure title; default "WikiText-2 perplexity".
+    Returns:
+        the `matplotlib.figure.Figure`: axes[0] holds one bar per row, in order (horizontal,
+        log scale); axes[1] (if any) the line (gid "outliers") of ppl against the fraction in %.
+    Raises:
+        TypeError / ValueError: rows not a non-empty list of dicts with name and a finite
+            positive ppl; unknown baseline.
+    """
+    from matplotlib.figure import Figure
+    import seaborn as sns
+
+    if not isinstance(rows, (list, tuple)) or not rows:
+        raise ValueError("perplexity_plot: rows must be a non-empty list of dicts")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise TypeError(f"perplexity_plot: row {i} must be a dict, got {type(r).__name__}")
+        if "name" not in r or "ppl" not in r:
+            raise ValueError(f"perplexity_plot: row {i} needs 'name' and 'ppl', got {sorted(r)}")
+        if not isinstance(r["ppl"], (int, float)) or not math.isfinite(r["ppl"]) or r["ppl"] <= 0:
+            raise ValueError(f"perplexity_plot: row {i} ({r['name']!r}) has ppl {r['ppl']!r}; "
+                             "needs a finite positive number")
+    names = [str(r["name"]) for r in rows]
+    ref = None
+    if baseline is not None:
+        if baseline not in names:
+            raise ValueError(f"perplexity_plot: baseline {baseline!r} is not a row name {names}")
+        ref = float(rows[names.index(baseline)]["ppl"])
+    sweep = sorted((float(r["outlier_frac"]), float(r["ppl"])) for r in rows
+                   if r.get("outlier_frac") is not None)
+    colors = sns.color_palette("colorblind", 10)
+    with sns.axes_style("whitegrid"):
+        fig = Figure(figsize=(11 if sweep else 6.5, 0.32 * len(rows) + 2.2), layout="constrained")
+        axes = fig.subplots(1, 2 if sweep else 1, squeeze=False,
+                            width_ratios=[1.4, 1] if sweep else None)[0]
+    ax = axes[0]
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, [float(r["ppl"]) for r in rows], color=[colors[i % 10] for i in range(len(rows))],
+            gid="bars")
+    ax.set_yticks(y, names)
+    ax.set_xscale("log")
+    ax.set_xlabel("perplexity (log scale, lower is better)")
+    for yi, r in zip(y, rows):
+        ax.text(float(r["ppl"]), yi, f" {float(r['ppl']):.2f}", va="center", fontsize=8)
+    if ref is not None:
+        ax.axvline(ref, ls="--", lw=1.0, color="black", gid="baseline")
+    ax.set_title("by method", fontsize=10)
+    if sweep:
+        ax = axes[1]
+        x, p = zip(*sweep)
+        ax.plot([100 * v for v in x], p, marker="o", lw=2, color=colors[3], gid="outliers",
+                label="W4A4 + FP16 outliers")
+        if ref is not None:
+            ax.axhline(ref, ls="--", lw=1.0, color="black", gid="baseline", label=baseline)
+        ax.set_xlabel("FP16 outlier channels (% of inputs)")
+        ax.set_ylabel("perplexity")
+        ax.set_title("by outlier fraction", fontsize=10)
+        ax.legend(fontsize=8, frameon=False)
+    fig.suptitle(title or "WikiText-2 perplexity")
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

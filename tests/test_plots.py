@@ -106,3 +106,76 @@ def test_project_dir_is_repo_folder_in_a_checkout():
     from mixq.data import REPO_ROOT
 
     assert plots.project_dir("figures") == REPO_ROOT / "figures"
+
+
+# ------------------------------------------------------------------------------- LLM notebook plots
+def test_channel_absmax_plot_panels_median_and_png(tmp_path, seed):
+    import numpy as np
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.rand(64, generator=gen) + 0.5
+    a[7] = 100.0                                          # one outlier channel
+    b = np.linspace(1.0, 3.0, 32)
+    path = tmp_path / "f" / "absmax.png"
+    fig = plots.channel_absmax_plot({"layer 0 q/k/v": a, "layer 0 down": b}, path, ncols=1)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2
+    lines = {ln.get_gid(): ln for ln in axes[0].lines}
+    x, y = lines["absmax"].get_data()
+    assert list(x) == list(range(64)) and y[7] == pytest.approx(100.0)
+    assert lines["median"].get_ydata()[0] == pytest.approx(float(np.median(a.numpy())))
+    ratio = 100.0 / float(np.median(a.numpy()))
+    assert f"max/median = {ratio:.1f}" in axes[0].get_title()
+    assert axes[0].get_yscale() == "log"
+
+
+def test_channel_absmax_plot_errors():
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        plots.channel_absmax_plot({})
+    with pytest.raises(ValueError, match="1-D"):
+        plots.channel_absmax_plot({"x": [[1.0, 2.0]]})
+    with pytest.raises(ValueError, match="ncols"):
+        plots.channel_absmax_plot({"x": [1.0]}, ncols=0)
+
+
+def _ppl_rows():
+    return [{"name": "FP16", "ppl": 10.0, "outlier_frac": None},
+            {"name": "W4A4 RTN", "ppl": 40.0, "outlier_frac": 0.0},
+            {"name": "W4A4 + 1% outliers", "ppl": 20.0, "outlier_frac": 0.01},
+            {"name": "W4A4 + 5% outliers", "ppl": 12.0, "outlier_frac": 0.05},
+            {"name": "W4A4 + GPTQ", "ppl": 15.0}]
+
+
+def test_perplexity_plot_bars_sweep_baseline(tmp_path):
+    rows = _ppl_rows()
+    path = tmp_path / "ppl.png"
+    fig = plots.perplexity_plot(rows, path, baseline="FP16")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    bars_ax, sweep_ax = fig.axes[:2]
+    widths = [p.get_width() for p in bars_ax.patches]
+    assert widths == [r["ppl"] for r in rows]
+    top_down = sorted(bars_ax.get_yticklabels(), key=lambda t: -t.get_position()[1])
+    assert [t.get_text() for t in top_down] == [r["name"] for r in rows]   # first row on top
+    line = next(ln for ln in sweep_ax.lines if ln.get_gid() == "outliers")
+    x, y = line.get_data()
+    assert list(x) == pytest.approx([0.0, 1.0, 5.0]) and list(y) == [40.0, 20.0, 12.0]
+    assert any(ln.get_gid() == "baseline" for ln in sweep_ax.lines)
+    assert any(ln.get_gid() == "baseline" for ln in bars_ax.lines)
+
+
+def test_perplexity_plot_without_sweep_and_errors():
+    rows = [{"name": "FP16", "ppl": 10.0}, {"name": "W8A8", "ppl": 10.5}]
+    fig = plots.perplexity_plot(rows)
+    assert len(fig.axes) == 1
+    with pytest.raises(ValueError, match="non-empty"):
+        plots.perplexity_plot([])
+    with pytest.raises(ValueError, match="'name' and 'ppl'"):
+        plots.perplexity_plot([{"ppl": 3.0}])
+    with pytest.raises(ValueError, match="finite positive"):
+        plots.perplexity_plot([{"name": "x", "ppl": float("nan")}])
+    with pytest.raises(ValueError, match="baseline"):
+        plots.perplexity_plot(rows, baseline="FP32")
+    with pytest.raises(TypeError, match="must be a dict"):
+        plots.perplexity_plot([3])

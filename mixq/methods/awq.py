@@ -101,8 +101,8 @@ def awq_search(ctx: LayerContext, group, *, specs, n_grid: int = 20, percentile:
     x_stat = (xa.amax(0) if percentile >= 1.0 else torch.quantile(xa, percentile, dim=0)).clamp(min=1e-6)
     w_stat = torch.stack([_w_stat(lin.weight.detach().float(), sp)
                           for lin, sp in zip(group.linears, specs)]).mean(0).clamp(min=1e-6)
-    mask = x_stat >= torch.quantile(x_stat, importance) if importance > 0 else torch.ones(k, dtype=torch.bool)
-    ones = torch.ones(k)
+    mask = x_stat >= torch.quantile(x_stat, importance) if importance > 0 else torch.ones(k, dtype=torch.bool, device=x_stat.device)
+    ones = torch.ones(k, device=x.device)
     base = _loss(ctx, group, x, ones, specs, bits, refs)
     best, best_s = base, ones
     for i in range(n_grid):

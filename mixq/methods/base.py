@@ -335,7 +335,8 @@ def fold_scale(ctx: LayerContext, group, s: torch.Tensor) -> None:
             prev = group.prev_linear
             idx = _channel_map(ctx, group)
             if idx is not None:
-                sv = torch.ones(prev.out_features, dtype=torch.float64)
+                idx = idx.to(s.device)
+                sv = torch.ones(prev.out_features, dtype=torch.float64, device=s.device)
                 sv[idx] = s
                 if not torch.allclose(sv[idx], s, rtol=1e-6):
                     raise ValueError("s is not tied over GQA heads; call tie_scale first")

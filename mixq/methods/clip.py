@@ -29,11 +29,11 @@ def _block_errors(w: torch.Tensor, qt: QTensor, h: torch.Tensor) -> torch.Tensor
     """Output error per (row, column block): (Np, nC) for a padded QTensor."""
     np_, kp = qt.q.shape
     n, k = w.shape
-    wp = torch.zeros(np_, kp)
+    wp = torch.zeros(np_, kp, device=w.device)
     wp[:n, :k] = w
     d = wp - dequantize_qweight(qt, np_, kp)
     bc = weight_block_cols(qt.spec, kp)
-    hp = torch.zeros(kp, kp)
+    hp = torch.zeros(kp, kp, device=h.device)
     hp[:k, :k] = h
     out = []
     for j in range(0, kp, bc):

@@ -57,18 +57,18 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, kq: int, spec: QuantSpec, *,
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    order = torch.arange(k)
+    order = torch.arange(k, device=W.device)
     if act_order:
         order[:kq] = torch.argsort(torch.diag(H)[:kq], descending=True, stable=True)
     W, H = W[:, order], H[order][:, order]
-    H += damp * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype)
+    H += damp * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype, device=H.device)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     np_, kp = _padded_shape(n, kq, spec)
     bc = weight_block_cols(spec, kp)
     dynamic = spec.granularity in ("group", "tile") and not act_order
-    S = torch.ones(np_, kp, dtype=torch.float64)
-    Z = torch.zeros(np_, kp, dtype=torch.float64)
+    S = torch.ones(np_, kp, dtype=torch.float64, device=W.device)
+    Z = torch.zeros(np_, kp, dtype=torch.float64, device=W.device)
     scales, zeros = [], []
     if not dynamic:
         sc, zc = weight_grid(w[:, :kq].float(), spec)
@@ -77,7 +77,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, kq: int, spec: QuantSpec, *,
         if zc is not None:
             Z = expand_blocks(zc, (np_, kp), spec).double()
     B = bc * max(1, block_size // bc) if dynamic else block_size
-    Q = torch.zeros(n, kq, dtype=torch.float64)
+    order_l = order.tolist()                            # host copy: no per-column device sync
+    Q = torch.zeros(n, kq, dtype=torch.float64, device=W.device)
     for i1 in range(0, kq, B):
         i2 = min(i1 + B, kq)
         W1 = W[:, i1:i2].clone()
@@ -93,7 +94,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, kq: int, spec: QuantSpec, *,
                 S[:, col:col + width] = expand_blocks(sc, (np_, bc), spec).double()[:, :width]
                 if zc is not None:
                     Z[:, col:col + width] = expand_blocks(zc, (np_, bc), spec).double()[:, :width]
-            oc = int(order[col])                       # original column index (< kq)
+            oc = order_l[col]                          # original column index (< kq)
             s, z = S[:n, oc], Z[:n, oc]
             q = (torch.round(W1[:, i] / s) + z).clamp(spec.qmin, spec.qmax)
             Q[:, oc] = q
@@ -103,7 +104,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, kq: int, spec: QuantSpec, *,
         W[:, i2:] -= Err @ U[i1:i2, i2:]
     scale = torch.cat(scales, 1) if dynamic else scales[0]
     zero = None if zeros[0] is None else (torch.cat(zeros, 1) if dynamic else zeros[0])
-    qfull = torch.zeros(np_, kp)
+    qfull = torch.zeros(np_, kp, device=W.device)
     qfull[:n, :kq] = Q.float()
     if zero is not None:   # padding must dequantize to 0
         qfull[:, kq:] = expand_blocks(zero, (np_, kp), spec)[:, kq:].float()

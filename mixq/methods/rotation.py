@@ -138,7 +138,7 @@ class Rotation:
                 q = hadamard(k, seed=self.seed, random_signs=self.random_signs)
                 with torch.no_grad():
                     for n, lin in zip(g.names, g.linears):
-                        lin.weight.copy_((lin.weight.double() @ q.double()).to(lin.weight.dtype))
+                        lin.weight.copy_((lin.weight.double() @ q.to(lin.weight.device).double()).to(lin.weight.dtype))
                         ctx.input_transforms[n] = q
                 rotate_stats(ctx, g, q)
 
@@ -146,6 +146,7 @@ class Rotation:
         h = hadamard(hd, seed=self.seed, random_signs=self.random_signs).double()
         v = g.prev_linear
         k = g.linears[0].in_features
+        h = h.to(v.weight.device)
         bv = _block_diag(h, v.out_features // hd)
         bo = _block_diag(h, k // hd)
         with torch.no_grad():
