@@ -20,18 +20,8 @@ from mixq.methods.synthetic import SimpleConfig, SyntheticLayer, make_context, m
 G32 = QuantSpec(4, True, "group", group_size=32)
 A4 = QuantSpec(4, True, "row")
 W4A4 = SimpleConfig(w=G32, a=A4)
-SPECS = [G32, QuantSpec(4, True, "row"), QuantSpec(4, False, "group", group_size=16),
-         QuantSpec(4, True, "tile", tile=(8, 8)), QuantSpec(3, True, "row")]
-
-
-def _problem(n=37, k=75, rows=300):
-    x = torch.randn(rows, k // 3) @ torch.randn(k // 3, k) + 0.3 * torch.randn(rows, k)
-    return torch.randn(n, k), 2.0 / rows * x.T @ x
-
-
-def _objective(w, h, qt):
-    d = w - dequantize_qweight(qt, *w.shape)
-    return float(((d @ h) * d).sum())
+# the weight formats and the Hessian-weighted problem GPTQ and Clip are tested on
+from test_methods_quantizers import SPECS, _objective, _problem  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ AdaRound

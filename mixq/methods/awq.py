@@ -116,6 +116,23 @@ def awq_search(ctx: LayerContext, group, *, specs, n_grid: int = 20, percentile:
     return best_s, best, base
 
 
+def check_search_fields(cfg, name: str) -> None:
+    """Validate the scale-search fields that AWQ and AWQDynamic share (ValueError names them)."""
+    check_number(cfg.percentile_threshold, f"{name}.percentile_threshold", 0.0, 1.0,
+                 lo_open=True)
+    check_number(cfg.importance_threshold, f"{name}.importance_threshold", 0.0, 1.0,
+                 hi_open=True)
+    check_number(cfg.scale_factor, f"{name}.scale_factor", 0.0, 4.0, lo_open=True)
+    check_int(cfg.n_grid, f"{name}.n_grid", 2, 100)
+    check_int(cfg.max_rows, f"{name}.max_rows", 16)
+    if not isinstance(cfg.act_quant, bool):
+        raise ValueError(f"{name}.act_quant must be a bool, got {cfg.act_quant!r}")
+    if not isinstance(cfg.kinds, tuple) or not cfg.kinds:
+        raise ValueError(f"{name}.kinds must be a non-empty tuple, got {cfg.kinds!r}")
+    for kd in cfg.kinds:
+        check_choice(kd, f"{name}.kinds item", GROUP_KINDS)
+
+
 @dataclass(frozen=True)
 class AWQ:
     """AWQ scale search (see module docstring for every argument).
@@ -139,17 +156,7 @@ class AWQ:
     def __post_init__(self) -> None:
         if self.group_size is not None:
             check_int(self.group_size, "AWQ.group_size", 16, 4096)
-        check_number(self.percentile_threshold, "AWQ.percentile_threshold", 0.0, 1.0, lo_open=True)
-        check_number(self.importance_threshold, "AWQ.importance_threshold", 0.0, 1.0, hi_open=True)
-        check_number(self.scale_factor, "AWQ.scale_factor", 0.0, 4.0, lo_open=True)
-        check_int(self.n_grid, "AWQ.n_grid", 2, 100)
-        check_int(self.max_rows, "AWQ.max_rows", 16)
-        if not isinstance(self.act_quant, bool):
-            raise ValueError(f"AWQ.act_quant must be a bool, got {self.act_quant!r}")
-        if not isinstance(self.kinds, tuple) or not self.kinds:
-            raise ValueError(f"AWQ.kinds must be a non-empty tuple, got {self.kinds!r}")
-        for kd in self.kinds:
-            check_choice(kd, "AWQ.kinds item", GROUP_KINDS)
+        check_search_fields(self, "AWQ")
 
     def apply(self, ctx: LayerContext) -> None:
         for g in ctx.groups:

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mixq.methods.awq import _loss, awq_search, group_spec
-from mixq.methods.base import (LayerContext, check_choice, check_int, check_number, float_output,
+from mixq.methods.awq import _loss, awq_search, check_search_fields, group_spec
+from mixq.methods.base import (LayerContext, check_int, check_number, float_output,
                                fold_scale, group_inputs)
 from mixq.methods.smoothquant import GROUP_KINDS
 
@@ -124,19 +124,7 @@ class AWQDynamic:
         check_number(self.tolerance, "AWQDynamic.tolerance", 0.0, 10.0)
         if not isinstance(self.allow_padding, bool):
             raise ValueError(f"AWQDynamic.allow_padding must be a bool, got {self.allow_padding!r}")
-        check_number(self.percentile_threshold, "AWQDynamic.percentile_threshold", 0.0, 1.0,
-                     lo_open=True)
-        check_number(self.importance_threshold, "AWQDynamic.importance_threshold", 0.0, 1.0,
-                     hi_open=True)
-        check_number(self.scale_factor, "AWQDynamic.scale_factor", 0.0, 4.0, lo_open=True)
-        check_int(self.n_grid, "AWQDynamic.n_grid", 2, 100)
-        check_int(self.max_rows, "AWQDynamic.max_rows", 16)
-        if not isinstance(self.act_quant, bool):
-            raise ValueError(f"AWQDynamic.act_quant must be a bool, got {self.act_quant!r}")
-        if not isinstance(self.kinds, tuple) or not self.kinds:
-            raise ValueError(f"AWQDynamic.kinds must be a non-empty tuple, got {self.kinds!r}")
-        for kd in self.kinds:
-            check_choice(kd, "AWQDynamic.kinds item", GROUP_KINDS)
+        check_search_fields(self, "AWQDynamic")
 
     def apply(self, ctx: LayerContext) -> None:
         for grp in ctx.groups:
