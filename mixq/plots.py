@@ -125,6 +125,14 @@ def load_gemm_results(path: str | os.PathLike) -> tuple[list[dict], dict]:
     return rows, dict(meta)
 
 
+def _save(fig, path: str | os.PathLike | None) -> None:
+    """Write `fig` as a PNG to `path` (parent folders created); None writes nothing."""
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+
+
 def gemm_speedup_plot(rows: Sequence[dict], path: str | os.PathLike | None = None, *,
                       modes: Sequence[str] | None = None, title: str | None = None,
                       ncols: int | None = None):
@@ -204,10 +212,7 @@ def gemm_speedup_plot(rows: Sequence[dict], path: str | os.PathLike | None = Non
                fontsize=9, frameon=False)
     gpu = next((r.get("gpu") for r in rows if r.get("gpu")), None)
     fig.suptitle(title or "GEMM speedup over bf16" + (f" on {gpu}" if gpu else ""))
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+    _save(fig, path)
     return fig
 
 
@@ -264,10 +269,7 @@ def channel_absmax_plot(absmax, path: str | os.PathLike | None = None, *,
         ax.set_xlabel("input channel")
         ax.set_ylabel("max |x|")
     fig.suptitle(title or "Per-channel max |x| at linear inputs")
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+    _save(fig, path)
     return fig
 
 
@@ -341,8 +343,5 @@ def perplexity_plot(rows: Sequence[dict], path: str | os.PathLike | None = None,
         ax.set_title("by outlier fraction", fontsize=10)
         ax.legend(fontsize=8, frameon=False)
     fig.suptitle(title or "WikiText-2 perplexity")
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+    _save(fig, path)
     return fig
