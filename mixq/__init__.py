@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from mixq.config import QuantConfig, QuantSpec
+from mixq.config import KVCacheSpec, QuantConfig, QuantSpec
 
 __version__ = "0.1.0"
 
@@ -26,9 +26,15 @@ _LAZY = {
     "load_quantized": "mixq.io",
     "perplexity": "mixq.eval",
     "load_model": "mixq.llm",
+    "AttentionQuantConfig": "mixq.attention",
+    "enable_quantized_attention": "mixq.attention",
+    "disable_quantized_attention": "mixq.attention",
+    "KV4Cache": "mixq.kv_cache",
+    "fuse_norm_quant": "mixq.norm",
+    "make_cache": "mixq.api",
 }
 
-__all__ = ["QuantSpec", "QuantConfig", "__version__", *_LAZY]
+__all__ = ["QuantSpec", "QuantConfig", "KVCacheSpec", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -3,9 +3,13 @@
 Commands:
     mnist [--json PATH] [--smoke] [--figure PATH]   train + quantize the MNIST MLP, print the table
     bench gemm [ARGS...]                            GEMM benchmarks (forwarded to mixq.bench.main)
+    bench e2e [ARGS...]                             end-to-end tokens/s + memory (mixq.bench_e2e)
+    report [--results DIR] [--figures DIR] [--readme PATH] [--check]
+                                                    figures + README results tables (mixq.report)
     quantize [ARGS...]                              quantize a Hugging Face LLM (mixq.cli_llm)
     eval [ARGS...]                                  WikiText-2 perplexity / speed (mixq.cli_llm)
     sweep [ARGS...]                                 the LLM results matrix (mixq.sweep)
+    full [ARGS...]                                  full-architecture W4A4 steps (mixq.full)
 
 Thin on purpose: every command parses its flags and calls one library function.
 """
@@ -31,6 +35,9 @@ def _cmd_mnist(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "e2e":
+        from mixq import bench_e2e  # lazy: pulls in transformers
+        return int(bench_e2e.main(["e2e", *args.rest]) or 0)
     try:
         from mixq import bench  # lazy: pulls in the kernels
     except ModuleNotFoundError as e:
@@ -40,6 +47,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
     rc = bench.main([args.what, *args.rest])
     return int(rc or 0)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mixq import report  # lazy: pulls in matplotlib / seaborn
+
+    return int(report.main(args.rest) or 0)
 
 
 def _cmd_llm(args: argparse.Namespace) -> int:
@@ -67,9 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_mnist)
 
     p = sub.add_parser("bench", help="benchmarks (mixq.bench)")
-    p.add_argument("what", choices=["gemm"], help="which benchmark")
+    p.add_argument("what", choices=["gemm", "e2e"], help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for mixq.bench.main")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("report", help="figures and README results tables from results/*.json",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for mixq.report.main")
+    p.set_defaults(func=_cmd_report)
 
     for name, what in (("quantize", "quantize a Hugging Face LLM and save it"),
                        ("eval", "WikiText-2 perplexity and speed of a (quantized) LLM"),
@@ -87,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("quantize", "eval", "sweep"):
         # forwarded whole: argparse's REMAINDER would swallow flags such as --help itself
         return _cmd_llm(argparse.Namespace(command=argv[0], rest=argv[1:]))
+    if argv and argv[0] == "full":
+        from mixq import full  # lazy: pulls in transformers
+        return int(full.main(argv[1:]) or 0)
+    if argv and argv[0] == "report":   # forwarded whole, like the LLM commands
+        return _cmd_report(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

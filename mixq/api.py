@@ -14,6 +14,13 @@ Per decoder layer (sequentially, see `mixq.calibrate.calibrate_layerwise`)::
 The quantized modules are drop-in (`mixq.nn`): the embeddings, norms, attention and lm_head are
 left alone (lm_head only with ``quantize_lm_head``), so ``model.generate()`` keeps working.
 
+Full architecture (`apply_full_architecture`, after every linear is swapped; calibration runs
+with the float attention): ``config.attention`` switches the model to quantized attention
+(`mixq.attention.enable_quantized_attention`), ``config.fuse_norm`` fuses the pre-norms with
+the activation quantization of their W4A4 consumers (`mixq.norm.fuse_norm_quant`), and
+``config.kv_cache`` is what `make_cache` builds for ``generate(past_key_values=...)``.
+`mixq.io.load_quantized` calls `apply_full_architecture` again (hooks are not saved).
+
 Weight quantizers (GPTQ, AdaRound, clip search) hand their result over through
 ``ctx.qweights[name]``: a `mixq.quant.QTensor` of the layout `regular_weight` returns (the
 regular, non-outlier columns in permuted order, zero-padded to the block width), with the spec
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from fnmatch import fnmatch
 
 import torch
@@ -37,10 +45,13 @@ from mixq.models import LinearGroup, get_adapter, linear_kind
 from mixq.nn import FP16Linear, QuantLinearBase, W4A4Linear, W4A16Linear, W8A8Linear
 
 __all__ = ["quantize", "choose_outliers", "weight_spec_for", "regular_weight",
-           "build_quantized_linear", "is_quantized", "RotatedInputLinear", "CONFIG_ATTR"]
+           "build_quantized_linear", "is_quantized", "RotatedInputLinear", "CONFIG_ATTR",
+           "FUSED_NORMS_ATTR", "apply_full_architecture", "make_cache"]
 
 #: Attribute set on a quantized model: its `QuantConfig` (read by `mixq.io.save_quantized`).
 CONFIG_ATTR = "mixq_config"
+#: Attribute set when ``config.fuse_norm``: {norm name: "fused -> ..." | "skipped: why"}.
+FUSED_NORMS_ATTR = "mixq_fused_norms"
 
 
 # ------------------------------------------------------------------------------- per-linear pieces
@@ -310,7 +321,7 @@ _HESSIAN_METHODS = ("GPTQ", "Clip")
 @torch.no_grad()
 def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | None = None, *,
              device=None, batch_size: int = 1, max_rows: int = 4096,
-             progress: bool = True) -> nn.Module:
+             progress: bool = True, layer_errors: bool = True) -> nn.Module:
     """Quantize the linears of a Hugging Face causal LM in place and return it.
 
     Args:
@@ -324,11 +335,20 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         batch_size: calibration rows per forward call.
         max_rows: input rows kept per linear for the methods (`LinearStats.inputs`).
         progress: tqdm bars.
+        layer_errors: with calibration data, measure each decoder layer's own error (its
+            residual update against a float copy on the first calibration batch; see
+            `mixq.calibrate.calibrate_layerwise`) into ``model.mixq_layer_errors``.
     Returns:
         `model`, with target linears replaced by `mixq.nn` modules and ``model.mixq_config``
-        set to `config` (plus ``model.mixq_report``: per linear module type / outliers).
+        set to `config` (plus ``model.mixq_report``: per linear module type / outliers, and
+        ``model.mixq_layer_errors``: a list of ``{layer, rel_err, update_norm}``, empty
+        without calibration data). Then `apply_full_architecture`: quantized attention
+        (``config.attention``; ``model.config._attn_implementation == "mixq"``) and fused
+        norms (``config.fuse_norm``; report in ``model.mixq_fused_norms``). The KV cache of
+        ``config.kv_cache`` comes from `make_cache`.
     Raises:
-        TypeError: model not an nn.Module / config not a QuantConfig.
+        TypeError: model not an nn.Module / config not a QuantConfig / config.attention set
+            for a model that is not a transformers PreTrainedModel.
         ValueError: unsupported family, already quantized, calibration data missing or malformed.
     """
     if not isinstance(config, QuantConfig):
@@ -336,9 +356,11 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     adapter = get_adapter(model)
     if getattr(model, CONFIG_ATTR, None) is not None:
         raise ValueError("model is already quantized by mixq (model.mixq_config is set)")
+    _check_full_architecture(model, config)     # fail before the (long) layer loop
     layers = adapter.layers(model)
     model.eval()
     worker = _LayerQuantizer(config, adapter.layer_prefix)
+    errors: list[dict] = []
     if calib_data is None and _needs_calibration(config):
         raise ValueError("this config needs calibration data (outlier_strategy='calib_max' with "
                          "outlier_frac > 0, or methods): pass calib_data=token ids (n, T), e.g. "
@@ -348,7 +370,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
                         for m in config.methods)
         calibrate_layerwise(model, calib_data, on_layer=worker, collect_hessian=collect_h,
                             max_rows=max_rows, device=device, batch_size=batch_size,
-                            progress=progress)
+                            progress=progress, layer_errors=errors if layer_errors else None)
     else:
         for i in tqdm(range(len(layers)), desc="quantize layers", disable=not progress):
             layer = layers[i]
@@ -361,7 +383,78 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         _quantize_lm_head(model, adapter, config, worker.report)
     setattr(model, CONFIG_ATTR, config)
     model.mixq_report = worker.report
+    model.mixq_layer_errors = errors
+    apply_full_architecture(model, config)
     return model
+
+
+# ------------------------------------------------------------------------------- full architecture
+def _check_full_architecture(model: nn.Module, config: QuantConfig) -> None:
+    if config.attention is not None and not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"config.attention needs a transformers PreTrainedModel (with "
+                        f"set_attn_implementation), got {type(model).__name__}")
+
+
+def apply_full_architecture(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Switch on the parts of `config` beyond the linears, in place; returns `model`.
+
+    * ``config.attention``: `mixq.attention.enable_quantized_attention` (attention function
+      "mixq", per-module config and cache hooks).
+    * ``config.fuse_norm``: `mixq.norm.fuse_norm_quant` (non-strict); its report goes to
+      ``model.mixq_fused_norms``. A warning is issued when no norm could be fused.
+
+    Called by `quantize` (after the linears are swapped) and `mixq.io.load_quantized`; neither
+    changes a tensor of the state_dict, so saved weights stay valid.
+
+    Args:
+        model: a causal LM whose linears `quantize` has already swapped (or the loaded copy).
+        config: its QuantConfig.
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a mixq.QuantConfig, got {type(config).__name__}")
+    _check_full_architecture(model, config)
+    if config.attention is not None:
+        from mixq.attention import enable_quantized_attention
+        enable_quantized_attention(model, config.attention)
+    if config.fuse_norm:
+        from mixq.norm import fuse_norm_quant
+        report = dict(getattr(model, FUSED_NORMS_ATTR, None) or {})
+        for name, what in fuse_norm_quant(model).items():   # a second call keeps the first report
+            if name not in report or what != "skipped: already fused":
+                report[name] = what
+        setattr(model, FUSED_NORMS_ATTR, report)
+        if report and not any(v.startswith("fused") for v in report.values()):
+            name, why = next(iter(report.items()))
+            warnings.warn(f"config.fuse_norm: no norm could be fused (e.g. {name}: {why})",
+                          stacklevel=3)
+    return model
+
+
+def make_cache(model: nn.Module, *, check_finite: bool = True):
+    """The KV cache ``config.kv_cache`` asks for, for ``model.generate(past_key_values=...)``.
+
+    Args:
+        model: a model quantized by `quantize` (or loaded by `mixq.io.load_quantized`).
+        check_finite: reject NaN/Inf keys/values on every update (a device sync per layer and
+            step; pass False for fast GPU decoding).
+    Returns:
+        a fresh `mixq.kv_cache.KV4Cache` (``model.config``, ``bits`` and ``group_size`` of
+        ``model.mixq_config.kv_cache``), or None when the config has no ``kv_cache`` (then
+        ``generate`` uses its default float cache). Use one cache per generate() call.
+    Raises:
+        ValueError: `model` was not quantized by mixq.
+    """
+    config = getattr(model, CONFIG_ATTR, None)
+    if not isinstance(config, QuantConfig):
+        raise ValueError("model has no mixq_config: quantize it with mixq.quantize "
+                         "(or load it with mixq.load_quantized) first")
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
+    if config.kv_cache is None:
+        return None
+    from mixq.kv_cache import KV4Cache
+    return KV4Cache(model.config, bits=config.kv_cache.bits,
+                    group_size=config.kv_cache.group_size, check_finite=check_finite)
 
 
 def _quantize_lm_head(model: nn.Module, adapter, config: QuantConfig, report: dict) -> None:

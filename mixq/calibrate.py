@@ -15,6 +15,8 @@ device at a time, so a model larger than the GPU can be quantized.
 """
 from __future__ import annotations
 
+import copy
+
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -359,13 +361,26 @@ class LayerStats(dict):
         return self
 
 
+@torch.no_grad()
+def _layer_error(layer: nn.Module, float_layer: nn.Module, batch) -> dict:
+    """rel_err = ||f_q(h) - f(h)|| / ||f(h) - h|| on one calibration batch (see `layer_errors`)."""
+    args, kwargs = batch
+    h = args[0] if args else kwargs["hidden_states"]
+    ref = _layer_output(float_layer(*args, **kwargs)).float()
+    out = _layer_output(layer(*args, **kwargs)).float()
+    update = (ref - h.float()).norm()
+    return {"rel_err": float((out - ref).norm() / update.clamp(min=1e-12)),
+            "update_norm": float(update)}
+
+
 OnLayer = Callable[[int, nn.Module, list[LinearGroup], dict[str, LinearStats]], None]
 
 
 @torch.no_grad()
 def calibrate_layerwise(model: nn.Module, batches, *, on_layer: OnLayer,
                         collect_hessian: bool = False, max_rows: int = 4096, device=None,
-                        batch_size: int = 1, seed: int = 0, progress: bool = True) -> None:
+                        batch_size: int = 1, seed: int = 0, progress: bool = True,
+                        layer_errors: list | None = None) -> None:
     """Calibrate and transform `model` one decoder layer at a time (see the module docstring).
 
     For each layer i: stats of every linear in ``adapter.linear_groups(layer)`` are collected
@@ -386,6 +401,14 @@ def calibrate_layerwise(model: nn.Module, batches, *, on_layer: OnLayer,
         batch_size: rows of `batches` per forward call.
         seed: seed of the row sampling.
         progress: show a tqdm bar over layers.
+        layer_errors: if a list, one dict per layer is appended: the relative error of the
+            transformed layer's residual update against a float copy of the layer, on the same
+            (already quantized-upstream) inputs of the first calibration batch::
+
+                rel_err_i = ||f_q(h) - f(h)||_F / ||f(h) - h||_F     (f: the decoder layer)
+
+            This is the error layer i adds by itself, so the largest values show which layers
+            dominate (costs one float forward of the layer per batch row kept, and a layer copy).
     """
     if not callable(on_layer):
         raise TypeError(f"on_layer must be callable, got {type(on_layer).__name__}")
@@ -403,8 +426,12 @@ def calibrate_layerwise(model: nn.Module, batches, *, on_layer: OnLayer,
         stats = LayerStats(layer, groups, inputs, max_rows=max_rows,
                            collect_hessian=collect_hessian, generator=gen)
         stats.refresh()
+        float_layer = copy.deepcopy(layer) if layer_errors is not None else None
         on_layer(i, layer, groups, stats)
         del stats
+        if float_layer is not None:
+            layer_errors.append({"layer": i, **_layer_error(layer, float_layer, inputs[0])})
+            del float_layer
         for j, (args, kwargs) in enumerate(inputs):
             inputs[j] = _replace_hidden(args, kwargs, _layer_output(layer(*args, **kwargs)))
         layer.to(home)

@@ -2,7 +2,12 @@
 
 `QuantSpec` describes one uniform quantizer (bits, symmetric or not, granularity). Every
 quantizer in mixq -- the fake-quant reference, the Triton kernels, the PTQ methods -- takes a
-`QuantSpec`, so a spec means the same grid everywhere.
+`QuantSpec`, so a spec means the same grid everywhere. `QuantConfig` says how a whole model is
+quantized (linears, plus the full-architecture parts: quantized attention, `KVCacheSpec` of the
+KV cache, fused norms).
+
+This module imports neither torch nor transformers (``import mixq`` stays light):
+`mixq.attention.AttentionQuantConfig` is imported only when a config holds or decodes one.
 """
 from __future__ import annotations
 
@@ -10,7 +15,10 @@ import dataclasses as _dc
 import importlib as _importlib
 from dataclasses import dataclass
 from typing import Any as _Any
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:   # runtime import is lazy: mixq.attention imports torch
+    from mixq.attention import AttentionQuantConfig
 
 Granularity = Literal["tensor", "row", "group", "tile"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "row", "group", "tile")
@@ -66,6 +74,82 @@ class QuantSpec:
         kind = {"tensor": "tensor", "row": "row", "group": f"g{self.group_size}",
                 "tile": f"tile{self.tile[0]}x{self.tile[1]}"}[self.granularity]
         return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{kind}"
+
+
+KV_BITS: tuple[int, ...] = (4, 8)
+
+
+def _check_int(name: str, v: _Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """How `mixq.api.make_cache` builds the KV cache of a quantized model (`mixq.kv_cache.KV4Cache`).
+
+    Args:
+        bits: 4 (codes packed two per byte) or 8. Keys: symmetric per channel over groups of
+            `group_size` tokens (KIVI); values: symmetric per token; fp16 scales.
+        group_size: G >= 1 tokens per key scale; the newest ``T mod G`` tokens stay in float
+            (the residual window) until their group is complete.
+    """
+
+    bits: int = 4
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check_int("KVCacheSpec.bits", self.bits)
+        _check_int("KVCacheSpec.group_size", self.group_size)
+        if self.bits not in KV_BITS:
+            raise ValueError(f"KVCacheSpec.bits must be one of {KV_BITS}, got {self.bits!r}")
+        if self.group_size < 1:
+            raise ValueError(f"KVCacheSpec.group_size must be an int >= 1, got {self.group_size!r}")
+
+    def to_dict(self) -> dict:
+        """{"bits", "group_size"} (JSON-able)."""
+        return {"bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KVCacheSpec":
+        """Inverse of `to_dict`; unknown keys or bad values raise ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"KVCacheSpec.from_dict needs a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - {"bits", "group_size"})
+        if unknown:
+            raise ValueError(f"KVCacheSpec.from_dict: unknown keys {unknown} "
+                             "(known: ['bits', 'group_size'])")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ValueError(f"KVCacheSpec.from_dict: {e}") from None
+
+
+def _attention_config_class() -> type:
+    """`mixq.attention.AttentionQuantConfig`, imported on first use (it pulls in torch)."""
+    from mixq.attention import AttentionQuantConfig
+    return AttentionQuantConfig
+
+
+def _attention_to_dict(cfg: _Any) -> "dict | None":
+    return None if cfg is None else {f.name: getattr(cfg, f.name) for f in _dc.fields(cfg)}
+
+
+def _attention_from_dict(d: "dict | None") -> _Any:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise ValueError(f"QuantConfig.attention must be a dict of AttentionQuantConfig fields "
+                         f"or null, got {d!r}")
+    cls = _attention_config_class()
+    known = {f.name for f in _dc.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"QuantConfig.attention: unknown keys {unknown} (known: {sorted(known)})")
+    try:
+        return cls(**d)
+    except TypeError as e:      # AttentionQuantConfig raises TypeError for wrong value types
+        raise ValueError(f"QuantConfig.attention: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +267,17 @@ class QuantConfig:
             (layer-wise mixed precision). In w4a4/w4a16 an override with bits <= 4 changes the
             weight grid; bits == 8 (symmetric, "row") turns that linear into W8A8.
         quantize_lm_head: also quantize lm_head (with `w`, weight-only int4 / the mode's module).
+        attention: a `mixq.attention.AttentionQuantConfig` (bits of Q, K, V and the softmax
+            probabilities P) or None (default: the model's float attention). `mixq.quantize`
+            and `mixq.load_quantized` switch the model to it (`enable_quantized_attention`).
+        kv_cache: a `KVCacheSpec` or None: the cache `mixq.api.make_cache(model)` returns for
+            ``generate(past_key_values=...)`` (a `mixq.kv_cache.KV4Cache`; None -> no cache
+            object, HF's float default). Independent of `attention`.
+        fuse_norm: fuse each pre-norm with the int4 activation quantization of the W4A4 linears
+            that read it (`mixq.norm.fuse_norm_quant`, after the linears are swapped). Needs mode
+            "w4a4" with 4-bit activations and "row"/"group" weights (the W4A4 kernel path); a
+            norm whose consumers cannot share one payload is skipped (see
+            ``model.mixq_fused_norms``). Changes speed on CUDA, never the outputs.
     """
 
     w: "QuantSpec | None | str" = _AUTO
@@ -195,6 +290,9 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
     layer_overrides: dict = _dc.field(default_factory=dict)
     quantize_lm_head: bool = False
+    attention: "AttentionQuantConfig | None" = None
+    kv_cache: "KVCacheSpec | None" = None
+    fuse_norm: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -246,6 +344,7 @@ class QuantConfig:
         if not isinstance(self.quantize_lm_head, bool):
             raise TypeError(f"QuantConfig.quantize_lm_head must be a bool, "
                             f"got {self.quantize_lm_head!r}")
+        self._check_full_architecture()
 
     # -- validation helpers
     def _check_specs(self) -> None:
@@ -282,6 +381,27 @@ class QuantConfig:
                 raise ValueError(f"w8a8 needs w = int8 symmetric 'row' and a.bits = 8, got "
                                  f"w={w.describe()}, a={a.describe()}")
 
+    def _check_full_architecture(self) -> None:
+        """attention / kv_cache / fuse_norm: types, and what fusing norms needs."""
+        if self.attention is not None and \
+                not isinstance(self.attention, _attention_config_class()):
+            raise TypeError(f"QuantConfig.attention must be a mixq.attention.AttentionQuantConfig "
+                            f"or None, got {type(self.attention).__name__}")
+        if self.kv_cache is not None and not isinstance(self.kv_cache, KVCacheSpec):
+            raise TypeError(f"QuantConfig.kv_cache must be a mixq.config.KVCacheSpec or None "
+                            f"(e.g. KVCacheSpec(bits=4, group_size=32)), "
+                            f"got {type(self.kv_cache).__name__}")
+        if not isinstance(self.fuse_norm, bool):
+            raise TypeError(f"QuantConfig.fuse_norm must be a bool, got {self.fuse_norm!r}")
+        if self.fuse_norm:
+            if self.mode != "w4a4":
+                raise ValueError(f"QuantConfig.fuse_norm needs mode 'w4a4' (the norm feeds int4 "
+                                 f"activations to W4A4 linears), got mode {self.mode!r}")
+            if self.a.bits != 4 or self.w.granularity not in ("row", "group"):
+                raise ValueError(f"QuantConfig.fuse_norm needs the W4A4 kernel path: 4-bit "
+                                 f"activations and 'row'/'group' weights, got "
+                                 f"w={self.w.describe()}, a={self.a.describe()}")
+
     def _check_override(self, pat: str, spec: QuantSpec) -> None:
         if self.mode in ("fp16", "w8a8"):
             raise ValueError(f"QuantConfig.layer_overrides are for w4a4/w4a16, "
@@ -305,11 +425,16 @@ class QuantConfig:
                 "methods": [_method_to_dict(m) for m in self.methods],
                 "targets": list(self.targets), "skip": list(self.skip),
                 "layer_overrides": {k: _spec_to_dict(v) for k, v in self.layer_overrides.items()},
-                "quantize_lm_head": self.quantize_lm_head}
+                "quantize_lm_head": self.quantize_lm_head,
+                "attention": _attention_to_dict(self.attention),
+                "kv_cache": None if self.kv_cache is None else self.kv_cache.to_dict(),
+                "fuse_norm": self.fuse_norm}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
-        """Inverse of `to_dict`; unknown keys or bad values raise ValueError."""
+        """Inverse of `to_dict`; unknown keys or bad values raise ValueError. Keys missing
+        from `d` (e.g. ``attention``, ``kv_cache``, ``fuse_norm`` in files written before they
+        existed) take their defaults."""
         if not isinstance(d, dict):
             raise ValueError(f"QuantConfig.from_dict needs a dict, got {type(d).__name__}")
         known = {f.name for f in _dc.fields(cls)}
@@ -329,4 +454,8 @@ class QuantConfig:
         if "layer_overrides" in kw:
             kw["layer_overrides"] = {p: _spec_from_dict(s, f"layer_overrides[{p!r}]")
                                      for p, s in kw["layer_overrides"].items()}
+        if "attention" in kw:
+            kw["attention"] = _attention_from_dict(kw["attention"])
+        if kw.get("kv_cache") is not None:
+            kw["kv_cache"] = KVCacheSpec.from_dict(kw["kv_cache"])
         return cls(**kw)

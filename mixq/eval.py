@@ -49,7 +49,7 @@ def _max_positions(model: nn.Module) -> int | None:
 def perplexity(model: nn.Module, tokenizer, *, split: str = "test", seqlen: int | None = None,
                max_windows: int | None = None, max_tokens: int | None = None,
                batch_size: int = 1, device=None, text: str | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, cache_factory=None) -> dict:
     """Perplexity of a causal LM on WikiText-2 (see the module docstring for the recipe).
 
     Args:
@@ -63,6 +63,9 @@ def perplexity(model: nn.Module, tokenizer, *, split: str = "test", seqlen: int 
         device: where inputs go (default: the model's device).
         text: score this text instead of WikiText-2 (`split` ignored).
         progress: tqdm bar.
+        cache_factory: ``() -> transformers Cache``: each window runs with a fresh cache passed
+            as ``past_key_values`` (e.g. a 4-bit KV cache, so attention reads K/V as the cache
+            stores them); None (default): ``use_cache=False``.
     Returns:
         dict(ppl float, nll float (mean per scored token), n_tokens int (scored tokens),
         n_windows int, seqlen int).
@@ -99,7 +102,11 @@ def perplexity(model: nn.Module, tokenizer, *, split: str = "test", seqlen: int 
     try:
         for call in calls:
             x = torch.stack([ids[s:s + seqlen] for s in call]).to(device)
-            logits = model(input_ids=x, use_cache=False).logits.float()
+            if cache_factory is None:
+                logits = model(input_ids=x, use_cache=False).logits.float()
+            else:
+                logits = model(input_ids=x, past_key_values=cache_factory(),
+                               use_cache=True).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             tgt = x[:, 1:]
             nll += float(-logp.gather(-1, tgt.unsqueeze(-1)).sum(dtype=torch.float64))

@@ -17,8 +17,11 @@ Layout of a saved directory::
                               "aliases": {name: stored name}, "safetensors": {file, bytes, sha256}}
 
 `load_quantized` rebuilds the float architecture (from the saved HF config, or `model_factory`),
-swaps in empty quantized modules with the saved attributes, and loads every tensor strictly:
-the logits equal those of the saved model bit for bit (same tensors, same code path). Any
+swaps in empty quantized modules with the saved attributes, loads every tensor strictly, then
+re-applies what the saved QuantConfig turns on beyond the linears (quantized attention, fused
+norms: `mixq.api.apply_full_architecture`; neither adds tensors, a fused norm keeps the norm's
+state_dict keys): the logits equal those of the saved model bit for bit (same tensors, same
+code path). The KV cache spec travels in the config (`mixq.api.make_cache`). Any
 missing file, size or sha256 mismatch (truncated / corrupted file), unknown module class,
 config mismatch, missing/unexpected tensor or wrong shape raises ValueError.
 """
@@ -34,7 +37,7 @@ from torch import nn
 
 from mixq import nn as qnn
 from mixq import quant
-from mixq.api import CONFIG_ATTR, RotatedInputLinear
+from mixq.api import CONFIG_ATTR, RotatedInputLinear, apply_full_architecture
 from mixq.config import QuantConfig, QuantSpec, _spec_from_dict, _spec_to_dict
 
 __all__ = ["save_quantized", "load_quantized", "WEIGHTS_NAME", "CONFIG_NAME", "sha256_file"]
@@ -201,7 +204,7 @@ def _default_factory(model_cfg: dict) -> nn.Module:
     model_type = cfg.pop("model_type", None)
     if not model_type:
         raise ValueError(f"{CONFIG_NAME}: model_config has no model_type; pass model_factory")
-    for k in ("transformers_version", "architectures", "_name_or_path"):
+    for k in ("transformers_version", "architectures", "_name_or_path", "_attn_implementation"):
         cfg.pop(k, None)
     hf_cfg = AutoConfig.for_model(model_type, **cfg)
     return AutoModelForCausalLM.from_config(hf_cfg)
@@ -226,7 +229,8 @@ def load_quantized(directory: str | os.PathLike, *, model_factory=None,
             float model of the same architecture (e.g. ``lambda: from_pretrained(path)``).
         device: where the loaded tensors go.
     Returns:
-        the quantized model in eval mode, with ``mixq_config`` set.
+        the quantized model in eval mode, with ``mixq_config`` set and the config's quantized
+        attention / fused norms switched on (`mixq.api.apply_full_architecture`).
     Raises:
         ValueError: missing/corrupted/truncated file, bad JSON, unknown module class, config or
             tensor-shape mismatch, missing or unexpected tensors.
@@ -303,4 +307,5 @@ def load_quantized(directory: str | os.PathLike, *, model_factory=None,
     model.load_state_dict(tensors, strict=True)
     setattr(model, CONFIG_ATTR, qconfig)
     model.eval()
+    apply_full_architecture(model, qconfig)
     return model

@@ -243,6 +243,14 @@ class W8A8Linear(QuantLinearBase):
         return m
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in _KERNEL_OUT_DTYPES and self._wants_kernel(x, "w8a8"):
+            from mixq.kernels.w8a8 import pad_weight_for_int_mm, w8a8_matmul
+            if getattr(self, "w_kernel", None) is None or self.w_kernel.device != x.device:
+                # zero-padded to the int8 GEMM's alignment once (not saved: derived from w_q)
+                self.register_buffer("w_kernel", pad_weight_for_int_mm(self.w_q.to(x.device)),
+                                     persistent=False)
+            return w8a8_matmul(x.contiguous(), self.w_kernel, self.w_scale, bias=self.bias,
+                               n=self.out_features)
         return reference.w8a8_linear(x, self.w_q, self.w_scale, bias=self.bias)
 
     def weight_nbytes(self) -> int:
@@ -297,8 +305,25 @@ class W4A16Linear(_Int4WeightMixin, QuantLinearBase):
         m._register_bias(linear)
         return m
 
+    @property
+    def kernel_path(self) -> bool:
+        """True when the Triton W4A16 kernel can run this layer (row or group scales)."""
+        return self.weight_spec.granularity in ("row", "group")
+
+    def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """`mixq.kernels.w4a16.w4a16_matmul` on the packed weight: fp16/bf16 activations,
+        fp32 accumulation, output in x.dtype (gemv / split-K decode / tensor-core GEMM by M)."""
+        from mixq.kernels.w4a16 import w4a16_matmul
+        g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else self.k_padded
+        zero = None if self.w_zero is None else self.w_zero.to(torch.uint8)
+        return w4a16_matmul(x.contiguous(), self.w_packed, self.w_scale, g, w_zero=zero,
+                            bias=self.bias)
+
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         x = _pad_cols(x, self.k_padded)
+        if (self.kernel_path and x.dtype in (torch.float16, torch.bfloat16)
+                and self._wants_kernel(x, "w4a16")):
+            return self._forward_kernel(x)
         if self.weight_spec.granularity in ("row", "group"):
             g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else None
             return reference.w4a16_linear(x, self.w_q, self.w_scale, group_size=g,
@@ -399,13 +424,18 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
             # the kernel's pre-shuffled int4 layout, built once (not saved: derived from w_q)
             self.register_buffer("w_kernel", prepare_w4a4_weight(self.w_q.to(x.device)),
                                  persistent=False)
-        if self.n_outliers:
-            x = x[:, self.perm]
-        if self.k_padded != self.k_regular:  # zero columns: no change to absmax or the dot
-            x = torch.cat([_pad_cols(x[:, :self.k_regular], self.k_padded),
-                           x[:, self.k_regular:]], dim=1)
-        x_q, x_scale, x_out = act_quant(x.contiguous(), n_outliers=self.n_outliers,
-                                        out_format="int8")
+        from mixq.norm import take_prequantized
+        pre = take_prequantized(x, self)     # payload of a fused QuantNorm (mixq.norm), or None
+        if pre is not None:
+            x_q, x_scale, x_out = pre
+        else:
+            if self.n_outliers:
+                x = x[:, self.perm]
+            if self.k_padded != self.k_regular:  # zero columns: no change to absmax or the dot
+                x = torch.cat([_pad_cols(x[:, :self.k_regular], self.k_padded),
+                               x[:, self.k_regular:]], dim=1)
+            x_q, x_scale, x_out = act_quant(x.contiguous(), n_outliers=self.n_outliers,
+                                            out_format="int8")
         g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else None
         return w4a4_gemm(x_q, x_scale, self.w_kernel, self.w_scale, group_size=g,
                          x_out=x_out if self.n_outliers else None,

@@ -139,6 +139,11 @@ def _write(json_path, md_path, rows: list[dict], meta: dict) -> None:
         p.write_text(format_markdown(rows, meta))
 
 
+def _worst(row: dict) -> str:
+    """"L12 0.41, L3 0.30": the decoder layers with the largest own error (`worst_layers`)."""
+    return ", ".join(f"L{i} {e:.2f}" for i, e in row.get("worst_layers") or [])
+
+
 def format_markdown(rows: list[dict], meta: dict | None = None) -> str:
     """A markdown table of the rows (ppl, ratio to FP16, weight MB, tokens/s)."""
     meta = meta or {}
@@ -150,7 +155,7 @@ def format_markdown(rows: list[dict], meta: dict | None = None) -> str:
             f"{'' if meta.get('max_windows') is None else ' (first %s only)' % meta['max_windows']}"
             ".\n\n")
     cols = ["config", "method", "W", "A", "outliers", "ppl", "x FP16", "weight MB",
-            "prefill tok/s", "decode tok/s", "s"]
+            "prefill tok/s", "decode tok/s", "s", "worst layers (rel. err)"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
     def f(v, fmt):
@@ -158,7 +163,7 @@ def format_markdown(rows: list[dict], meta: dict | None = None) -> str:
     for r in rows:
         if r.get("error"):
             lines.append(f"| {r['config']} | {r.get('method', '')} | | | | error: "
-                         f"{str(r['error'])[:80]} | | | | | |")
+                         f"{str(r['error'])[:80]} | | | | | | |")
             continue
         lines.append("| " + " | ".join([
             r["config"], r.get("method", ""), str(r.get("w_bits") or 16),
@@ -166,7 +171,7 @@ def format_markdown(rows: list[dict], meta: dict | None = None) -> str:
             f(r.get("ppl"), ".3f"), f(r.get("ppl_ratio"), ".4f"),
             f(r.get("weight_bytes") and r["weight_bytes"] / 1e6, ".1f"),
             f(r.get("prefill_tok_s"), ".0f"), f(r.get("decode_tok_s"), ".1f"),
-            f(r.get("config_s"), ".0f")]) + " |")
+            f(r.get("config_s"), ".0f"), _worst(r)]) + " |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -295,6 +300,8 @@ def run_sweep(model_name: str, *, configs=None, n_calib: int = 128, calib_seqlen
             quantize(qmodel, cfg, calib, device=device, progress=progress)
             qmodel.to(device)
             row["quantize_s"] = round(time.perf_counter() - t, 2)
+            errs = sorted(getattr(qmodel, "mixq_layer_errors", []), key=lambda e: -e["rel_err"])
+            row["worst_layers"] = [[e["layer"], round(e["rel_err"], 4)] for e in errs[:3]]
             row.update(evaluate(qmodel))
             row["ppl_fp16"] = fp["ppl"]
             row["ppl_ratio"] = row["ppl"] / fp["ppl"]

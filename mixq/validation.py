@@ -59,3 +59,19 @@ def check_divides(divisor: int, total: int, what: str) -> None:
     """Raise ValueError unless `divisor` divides `total`, e.g. a group size and K."""
     if divisor <= 0 or total % divisor != 0:
         raise ValueError(f"{what}: {divisor} does not divide {total}")
+
+
+#: output formats of the activation quantizers: 4-bit codes two per byte, or one int8 per code
+ACT_FORMATS: tuple[str, ...] = ("packed", "int8")
+
+
+def check_quant_args(out_format: str, bits: int, n_outliers: int) -> None:
+    """Validate quantizer arguments with the rules of `mixq.kernels.act_quant.act_quant` (shared with the fused norm kernel)."""
+    if out_format not in ACT_FORMATS:
+        raise ValueError(f"out_format must be one of {ACT_FORMATS}, got {out_format!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
+    if out_format == "packed" and bits > 4:
+        raise ValueError(f"out_format='packed' holds 4-bit codes; bits={bits} needs out_format='int8'")
+    if isinstance(n_outliers, bool) or not isinstance(n_outliers, int) or n_outliers < 0:
+        raise ValueError(f"n_outliers must be an int >= 0, got {n_outliers!r}")

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from mixq.config import QuantSpec
-from mixq.methods import AWQ, AdaRound, AWQDynamic, OutlierChannels
+from mixq.methods import AdaRound, AWQDynamic, OutlierChannels
 from mixq.methods.adaround import adaround_quantize, rectified_sigmoid
 from mixq.methods.awq import awq_search, group_spec
 from mixq.methods.awq_dynamic import choose_group_size
-from mixq.methods.base import dequantize_qweight, group_output_error, quantize_weight
+from mixq.methods.base import dequantize_qweight, quantize_weight
 from mixq.methods.synthetic import SimpleConfig, SyntheticLayer, make_context, make_inputs, run_methods
 
 G32 = QuantSpec(4, True, "group", group_size=32)

@@ -269,3 +269,49 @@ def test_w4a4_kernel_dispatch_matches_reference(spec, n_out, seed, device):
     m.use_kernels = True
     got = m(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- kernel dispatch
+@pytest.mark.parametrize("m,k,n", [(1, 37, 19), (23, 64, 40), (5, 100, 9)])
+def test_w8a8_kernel_path_equals_reference(seed, m, k, n):
+    """act_quant(bits=8) + torch._int_mm + the same fp32 epilogue == reference, bit for bit."""
+    lin = _linear(k, n)
+    x = torch.randn(m, k) * 3
+    ref = qnn.W8A8Linear.from_linear(lin)
+    ref.use_kernels = False
+    ker = qnn.W8A8Linear.from_linear(lin)
+    ker.use_kernels = True
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.testing.assert_close(ker(x.to(dtype)), ref(x.to(dtype)), **EXACT)
+    assert ker.w_kernel.shape == (math.ceil(n / 8) * 8, math.ceil(k / 8) * 8)
+    assert "w_kernel" not in ker.state_dict()
+
+
+def test_int8_mm_with_padded_weight(seed):
+    from mixq.kernels.w8a8 import int8_mm, pad_weight_for_int_mm
+    a = torch.randint(-128, 128, (7, 13), dtype=torch.int8)
+    b = torch.randint(-128, 128, (11, 13), dtype=torch.int8)
+    got = int8_mm(a, pad_weight_for_int_mm(b), n=11)
+    torch.testing.assert_close(got, reference.int_matmul(a, b), **EXACT)
+    with pytest.raises(ValueError, match="empty"):
+        int8_mm(a[:0], b)
+    with pytest.raises(ValueError, match="does not cover"):
+        int8_mm(a, b[:, :5])
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, True, "group", group_size=32), ROW4,
+                                  QuantSpec(4, False, "group", group_size=16)],
+                         ids=lambda s: s.describe())
+def test_w4a16_kernel_path_matches_reference(seed, spec):
+    """The Triton W4A16 kernel (bf16/fp16 in, fp32 accumulate) against the fp32 reference."""
+    lin = _linear(80, 24)
+    x = torch.randn(3, 80)
+    ref = qnn.W4A16Linear.from_linear(lin, weight_spec=spec)
+    ref.use_kernels = False
+    ker = qnn.W4A16Linear.from_linear(lin, weight_spec=spec)
+    ker.use_kernels = True
+    for dtype in (torch.float16, torch.bfloat16):
+        want = ref(x.to(dtype).float())          # same rounded inputs, fp32 math
+        got = ker(x.to(dtype))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

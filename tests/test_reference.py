@@ -56,10 +56,13 @@ def test_quantize_per_token(bits, seed, device):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (5, 13, 37), (33, 7, 300), (64, 48, 1000)])
-def test_int_matmul_exact(m, n, k, seed, device):
+@pytest.mark.parametrize("method", ["auto", "float64", "int_mm"])
+def test_int_matmul_exact(m, n, k, method, seed, device):
+    if method == "int_mm" and device.type == "cuda":
+        pytest.skip("cuBLAS int8 GEMM has shape constraints; covered by test_nn kernel tests")
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
     b = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)
-    out = int_matmul(a, b)
+    out = int_matmul(a, b, method=method)
     assert out.dtype == torch.int32 and out.shape == (m, n)
     want = (a.cpu().long().unsqueeze(1) * b.cpu().long().unsqueeze(0)).sum(-1)   # int64 truth
     assert torch.equal(out.cpu().long(), want)
@@ -85,6 +88,11 @@ def test_int_matmul_bad_inputs():
         int_matmul(a, torch.zeros(2, 4, dtype=torch.int8))
     with pytest.raises(ValueError, match="b_q must have 2 dims"):
         int_matmul(a, torch.zeros(3, dtype=torch.int8))
+    with pytest.raises(ValueError, match="method"):
+        int_matmul(a, a, method="fp32")
+    with pytest.raises(ValueError, match="overflow an int32"):
+        int_matmul(torch.zeros(1, 131072, dtype=torch.int8),
+                   torch.zeros(1, 131072, dtype=torch.int8), method="int_mm")
 
 
 @pytest.mark.parametrize("m,n,kq,group_size", [(1, 1, 16, None), (5, 13, 48, 16), (17, 9, 96, 32),

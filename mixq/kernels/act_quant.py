@@ -32,13 +32,12 @@ import triton.language as tl
 
 from mixq.kernels._triton import autotune, check_kernel_device, m_bucket, op_name
 from mixq.kernels.pack import cast_rne, round_half_even
-from mixq.validation import check_tensor
+from mixq.validation import check_quant_args, check_tensor
 
 __all__ = ["act_quant", "outlier_gather_index"]
 
 _IN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_FORMATS = ("packed", "int8")
 _SINGLE_PASS_MAX = 8192      # widest int4 part held in registers in one tile (per row)
 _LOOP_BLOCK_K = 2048         # chunk width of the two-pass loop for wider rows
 _MAX_TILE = 16384            # BLOCK_M * BLOCK_K cap: about 64 fp32 registers per thread at 8 warps
@@ -210,6 +209,27 @@ def _(x, gather_idx, n_outliers, out_format, bits, out_dtype):
     return x_q, x.new_empty((m, 1), dtype=torch.float16), x.new_empty((m, n_outliers), dtype=out_dtype)
 
 
+def resolve_outliers(x: torch.Tensor, n_outliers: int, outlier_idx: torch.Tensor | None
+                     ) -> tuple[torch.Tensor | None, int]:
+    """``(gather_idx or None, k)`` for "the last `n_outliers` channels" or `outlier_idx`.
+
+    Checks the two are exclusive, `outlier_idx` is on x's device (a sync to validate it), and
+    at least one channel of x (M, K) stays int4.
+    """
+    gather_idx = None
+    if outlier_idx is not None:
+        if n_outliers:
+            raise ValueError("pass either n_outliers or outlier_idx, not both")
+        if outlier_idx.device != x.device:
+            raise ValueError(f"outlier_idx is on {outlier_idx.device} but x is on {x.device}")
+        gather_idx = outlier_gather_index(x.shape[1], outlier_idx)
+        n_outliers = outlier_idx.numel()
+    if n_outliers >= x.shape[1]:
+        raise ValueError(f"x (shape {tuple(x.shape)}) needs at least one int4 channel, "
+                         f"got {n_outliers} outliers")
+    return gather_idx, n_outliers
+
+
 def act_quant(x: torch.Tensor, *, n_outliers: int = 0, outlier_idx: torch.Tensor | None = None,
               out_format: str = "packed", bits: int = 4,
               out_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -232,28 +252,10 @@ def act_quant(x: torch.Tensor, *, n_outliers: int = 0, outlier_idx: torch.Tensor
     """
     check_tensor(x, "x", ndim=2, dtypes=_IN_DTYPES, contiguous=True)
     check_kernel_device(x, "x")
-    if out_format not in _FORMATS:
-        raise ValueError(f"out_format must be one of {_FORMATS}, got {out_format!r}")
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
-    if out_format == "packed" and bits > 4:
-        raise ValueError(f"out_format='packed' holds 4-bit codes; bits={bits} needs out_format='int8'")
+    check_quant_args(out_format, bits, n_outliers)
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {[str(d) for d in _OUT_DTYPES]}, got {out_dtype}")
-    if not isinstance(n_outliers, int) or isinstance(n_outliers, bool) or n_outliers < 0:
-        raise ValueError(f"n_outliers must be an int >= 0, got {n_outliers!r}")
-    k_total = x.shape[1]
-    gather_idx = None
-    if outlier_idx is not None:
-        if n_outliers:
-            raise ValueError("pass either n_outliers or outlier_idx, not both")
-        if outlier_idx.device != x.device:
-            raise ValueError(f"outlier_idx is on {outlier_idx.device} but x is on {x.device}")
-        gather_idx = outlier_gather_index(k_total, outlier_idx)
-        n_outliers = outlier_idx.numel()
-    if n_outliers >= k_total:
-        raise ValueError(f"x (shape {tuple(x.shape)}) needs at least one int4 channel, "
-                         f"got {n_outliers} outliers")
+    gather_idx, n_outliers = resolve_outliers(x, n_outliers, outlier_idx)
     # the custom op makes the kernel traceable by torch.compile; eager calls skip its dispatch
     impl = _act_quant_op if torch.compiler.is_compiling() else _act_quant_impl
     return impl(x, gather_idx, n_outliers, out_format, bits, out_dtype)
