@@ -4,6 +4,7 @@ Commands:
     mnist [--json PATH] [--smoke] [--figure PATH]   train + quantize the MNIST MLP, print the table
     bench gemm [ARGS...]                            GEMM benchmarks (forwarded to mixq.bench.main)
     bench e2e [ARGS...]                             end-to-end tokens/s + memory (mixq.bench_e2e)
+    bench attention [ARGS...]                       attention prefill/decode vs SDPA (mixq.bench_attention)
     report [--results DIR] [--figures DIR] [--readme PATH] [--check]
                                                     figures + README results tables (mixq.report)
     quantize [ARGS...]                              quantize a Hugging Face LLM (mixq.cli_llm)
@@ -35,6 +36,9 @@ def _cmd_mnist(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "attention":
+        from mixq import bench_attention  # lazy: pulls in the kernels and transformers
+        return int(bench_attention.main(["attention", *args.rest]) or 0)
     if args.what == "e2e":
         from mixq import bench_e2e  # lazy: pulls in transformers
         return int(bench_e2e.main(["e2e", *args.rest]) or 0)
@@ -80,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_mnist)
 
     p = sub.add_parser("bench", help="benchmarks (mixq.bench)")
-    p.add_argument("what", choices=["gemm", "e2e"], help="which benchmark")
+    p.add_argument("what", choices=["gemm", "e2e", "attention"], help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for mixq.bench.main")
     p.set_defaults(func=_cmd_bench)
 

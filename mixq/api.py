@@ -119,7 +119,7 @@ def _set_int4_weight(module: W4A4Linear | W4A16Linear, qt: quant.QTensor, name: 
     if qt.spec != module.weight_spec:
         raise ValueError(f"qweights[{name!r}] uses {qt.spec.describe()} but the linear is "
                          f"quantized with {module.weight_spec.describe()}")
-    n, kp = module.w_q.shape
+    n, kp = module.out_features, module.k_padded
     rows = qt.q.shape[0]
     tr = qt.spec.tile[0]
     pad_rows = math.ceil(n / tr) * tr if qt.spec.granularity == "tile" else n
@@ -131,12 +131,7 @@ def _set_int4_weight(module: W4A4Linear | W4A16Linear, qt: quant.QTensor, name: 
                          f"got {tuple(qt.scale.shape)}")
     if (qt.zero is None) != (module.w_zero is None):
         raise ValueError(f"qweights[{name!r}]: zero point presence does not match the spec")
-    dev = module.w_q.device
-    module.w_q = qt.q[:n].to(device=dev, dtype=torch.int8).contiguous()
-    module.w_scale = qt.scale.to(device=dev, dtype=torch.float16).contiguous()
-    if qt.zero is not None:
-        module.w_zero = qt.zero.to(dev).contiguous()
-    module.w_packed = quant.pack_int4(module.w_q)
+    module.set_int4_codes(qt.q[:n], qt.scale, qt.zero)
 
 
 def build_quantized_linear(linear: nn.Linear, config: QuantConfig, *, spec: QuantSpec | None,

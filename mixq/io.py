@@ -7,7 +7,9 @@ Layout of a saved directory::
                              K), fp16 scales (+ zero points), outlier permutation/indices, fp16
                              outlier weight columns and biases, and all float tensors (embeddings,
                              norms, unquantized linears). The unpacked int8 ``w_q`` is not
-                             stored: it is `quant.unpack_int4(w_packed)`. Tensors that share
+                             stored: it is `quant.unpack_int4(w_packed)` (a save that has it
+                             still loads; a copy that differs raises). Non-persistent caches
+                             (``w_kernel``, ``w_q_cache``) are not saved. Tensors that share
                              memory (tied embeddings) are stored once.
     DIR/quant_config.json    {"format": "mixq", "mixq_version",
                               "quant_config" (QuantConfig.to_dict),
@@ -92,7 +94,8 @@ def _module_entry(m: qnn.QuantLinearBase) -> dict:
     """Class, plain attributes (everything ``from_linear`` set besides buffers) and buffer names."""
     attrs = {k: _encode_attr(v) for k, v in vars(m).items()
              if not k.startswith("_") and k != "training"}
-    buffers = {k: (b is not None) for k, b in m._buffers.items()}
+    buffers = {k: (b is not None) for k, b in m._buffers.items()
+               if k not in m._non_persistent_buffers_set}     # caches are rebuilt, not saved
     return {"class": type(m).__name__, "attrs": attrs, "buffers": buffers}
 
 
@@ -136,12 +139,11 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
                if isinstance(m, qnn.QuantLinearBase)}
     wrappers = {n: {"in_features": m.in_features, "out_features": m.out_features}
                 for n, m in model.named_modules() if isinstance(m, RotatedInputLinear)}
-    skip = {f"{n}.w_q" for n, m in modules.items() if m["buffers"].get("w_packed")}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     by_storage: dict[tuple, str] = {}
     for key, t in model.state_dict(keep_vars=False).items():
-        if key in skip or t is None:
+        if t is None:
             continue
         ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
                  t.dtype)
@@ -218,6 +220,27 @@ def _check_model_config(model: nn.Module, saved: dict) -> None:
         raise ValueError("model_factory's model does not match the saved config: " + "; ".join(bad))
 
 
+def _check_legacy_w_q(path: Path, name: str, m: qnn.QuantLinearBase,
+                      tensors: dict[str, torch.Tensor]) -> None:
+    """Older saves listed an int4 module's unpacked int8 ``w_q`` (N, Kp) as a buffer, and the
+    oldest also stored it. It is derived from ``w_packed`` now: drop it, after checking that a
+    stored copy equals ``unpack_int4(w_packed)`` (else the file is corrupted)."""
+    w_q = tensors.pop(f"{name}.w_q", None)
+    if w_q is None:
+        return
+    packed = tensors.get(f"{name}.w_packed")
+    if packed is None:
+        raise ValueError(f"{path} lacks {name}.w_packed (it has only the int8 {name}.w_q)")
+    signed = bool(getattr(m, "weight_spec", QuantSpec()).symmetric)
+    try:
+        want = quant.unpack_int4(packed, int(m.k_padded), signed=signed)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {name}.w_packed cannot be unpacked: {e}") from None
+    if w_q.shape != want.shape or not torch.equal(w_q.to(want.device, torch.int8), want):
+        raise ValueError(f"{path}: {name}.w_q does not equal unpack_int4({name}.w_packed): "
+                         "corrupted file")
+
+
 def load_quantized(directory: str | os.PathLike, *, model_factory=None,
                    device: str | torch.device = "cpu") -> nn.Module:
     """Load a model written by `save_quantized`.
@@ -270,15 +293,12 @@ def load_quantized(directory: str | os.PathLike, *, model_factory=None,
         m = _empty_module(name, entry)
         for buf, present in entry.get("buffers", {}).items():
             key = f"{name}.{buf}"
-            if not present:
+            if buf in qnn.DERIVED_BUFFERS:            # a cache listed by an older save
+                tensors.pop(key, None)
+            elif buf == "w_q" and isinstance(m, qnn._Int4WeightMixin):
+                _check_legacy_w_q(path, name, m, tensors)
+            elif not present:
                 m.register_buffer(buf, None)
-            elif buf == "w_q" and key not in tensors:
-                packed = tensors.get(f"{name}.w_packed")
-                if packed is None:
-                    raise ValueError(f"{path} lacks {name}.w_packed (and {key})")
-                signed = bool(getattr(m, "weight_spec", QuantSpec()).symmetric)
-                m.register_buffer(buf, quant.unpack_int4(packed, int(m.k_padded), signed=signed))
-                tensors[key] = m.w_q
             else:
                 if key not in tensors:
                     raise ValueError(f"{path} lacks tensor {key!r}")

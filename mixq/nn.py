@@ -34,6 +34,12 @@ of the weight is zero-padded along K to ``k_padded`` columns (and the activation
 in forward): zeros change no block's absmax and add nothing to a dot product. Tile rows are not
 padded in storage; the last row of tiles simply has fewer rows. `weight_nbytes` counts the
 padded storage, i.e. what a kernel would really read.
+
+Memory: an int4 layer keeps its codes once, packed two per byte (``w_packed``); the int8
+``w_q`` is a derived read-only view. Caches derived from it are non-persistent buffers, dropped
+on ``.to()`` / ``load_state_dict`` and rebuilt on demand: ``w_q_cache`` (int8, the reference
+path; `release_unpacked` frees it) and, for W4A4, ``w_kernel`` (the kernel's shuffled layout).
+`module_memory_bytes` counts everything a module really holds, caches included.
 """
 from __future__ import annotations
 
@@ -53,7 +59,8 @@ _KERNEL_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_W8_SPEC = QuantSpec(8, True, "row")
 
 __all__ = ["QuantLinearBase", "FP16Linear", "W8A8Linear", "W4A16Linear", "W4A4Linear",
-           "DEFAULT_W4_SPEC", "DEFAULT_W8_SPEC", "quantize_linear", "module_weight_nbytes"]
+           "DEFAULT_W4_SPEC", "DEFAULT_W8_SPEC", "quantize_linear", "module_weight_nbytes",
+           "module_memory_bytes", "DERIVED_BUFFERS"]
 
 
 # ----------------------------------------------------------------------------- weight helpers
@@ -259,26 +266,128 @@ class W8A8Linear(QuantLinearBase):
 
 
 # ----------------------------------------------------------------------------- int4 weights
+#: Buffers that are caches derived from the persistent ones (never saved, rebuilt on demand).
+DERIVED_BUFFERS = frozenset({"w_kernel", "w_q_cache"})
+
+
 class _Int4WeightMixin:
-    """Storage shared by W4A16 and W4A4: int4 weight (N, Kp) + packed copy + scales (+ zeros)."""
+    """Storage shared by W4A16 and W4A4: packed int4 weight + scales (+ zeros).
+
+    Persistent: ``w_packed`` uint8 (N, ceil(Kp/2)), two int4 codes per byte along K, low nibble
+    first (`quant.pack_int4`), the only copy of the codes (0.5 byte per weight). ``w_q`` -- the
+    int8 (N, Kp) codes the pure-torch reference reads -- is a read-only view derived from it:
+    ``w_q = quant.unpack_int4(w_packed, Kp, signed=weight_spec.symmetric)`` (symmetric codes in
+    [-qmax-1, qmax], asymmetric in [0, 2**bits - 1]; exact). The reference forward caches it in
+    the non-persistent buffer ``w_q_cache`` (1 byte per weight, dropped by `release_unpacked`);
+    the kernel paths never build it.
+    """
 
     def _store_int4_weight(self, w: torch.Tensor, spec: QuantSpec) -> None:
         w_q, w_scale, w_zero, kp = _quantize_weight(w, spec)
         self.weight_spec = spec
         self.k_padded = kp
-        self.register_buffer("w_q", w_q)            # int8 (N, Kp): the values the reference reads
         self.register_buffer("w_scale", w_scale)    # fp16 compact
         self.register_buffer("w_zero", w_zero)      # asymmetric only
-        # What is really stored/read by a kernel: two int4 per byte along K, low nibble first.
         self.register_buffer("w_packed", quant.pack_int4(w_q))
+        del w_q
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """The int part of the weight in fp32, (N, Kp): (w_q - w_zero) * w_scale per block."""
-        n, kp = self.w_q.shape
-        q = self.w_q.float()
+    def set_int4_codes(self, w_q: torch.Tensor, w_scale: torch.Tensor,
+                       w_zero: torch.Tensor | None = None) -> None:
+        """Replace the weight codes and scales (same layout as the current ones), drop caches.
+
+        Args:
+            w_q: integer (N, Kp) codes, [-2**(b-1), 2**(b-1)-1] (symmetric spec) or
+                [0, 2**b - 1] (asymmetric), b = weight_spec.bits; packed, not kept.
+            w_scale: float, the shape of ``self.w_scale`` (stored fp16).
+            w_zero: the shape of ``self.w_zero`` (asymmetric specs), else None.
+        """
+        n, kp = self.out_features, self.k_padded
+        check_tensor(w_q, "w_q", ndim=2, dtypes=(torch.int8, torch.uint8, torch.int16,
+                                                   torch.int32, torch.int64))
+        if tuple(w_q.shape) != (n, kp):
+            raise ValueError(f"w_q must have shape ({n}, {kp}), got {tuple(w_q.shape)}")
+        check_tensor(w_scale, "w_scale", dtypes=FLOAT_DTYPES, finite=True)
+        if tuple(w_scale.shape) != tuple(self.w_scale.shape):
+            raise ValueError(f"w_scale must have shape {tuple(self.w_scale.shape)}, "
+                             f"got {tuple(w_scale.shape)}")
+        if (w_zero is None) != (self.w_zero is None):
+            raise ValueError("w_zero must be given exactly when the weight spec is asymmetric")
+        if w_zero is not None and tuple(w_zero.shape) != tuple(self.w_zero.shape):
+            raise ValueError(f"w_zero must have shape {tuple(self.w_zero.shape)}, "
+                             f"got {tuple(w_zero.shape)}")
+        dev = self.w_packed.device
+        self.w_packed = quant.pack_int4(w_q.to(dev), signed=self.weight_spec.symmetric)
+        self.w_scale = w_scale.to(device=dev, dtype=torch.float16).contiguous()
+        if w_zero is not None:
+            self.w_zero = w_zero.to(device=dev, dtype=self.w_zero.dtype).contiguous()
+        self._drop_derived()
+
+    def _unpack(self) -> torch.Tensor:
+        return quant.unpack_int4(self.w_packed, self.k_padded, signed=self.weight_spec.symmetric)
+
+    def _packed_key(self) -> tuple:
+        """Identity of the current ``w_packed`` contents: storage, device and in-place version
+        (in-place writes bump `_version`), so a cache built from older codes is never used."""
+        p = self.w_packed
+        try:
+            version = p._version
+        except RuntimeError:                        # inference tensors keep no version counter
+            version = None
+        return (p.device, p.data_ptr(), version)
+
+    def _cached(self, name: str):
+        """The derived buffer `name` if it was built from the current ``w_packed``, else None."""
+        t = self._buffers.get(name)
+        if t is None or torch.compiler.is_compiling():  # traced graphs keep what eager built
+            return t
+        return t if getattr(self, f"_{name}_key", None) == self._packed_key() else None
+
+    def _drop_derived(self) -> None:
+        for name in DERIVED_BUFFERS:
+            self._buffers.pop(name, None)
+
+    def _apply(self, *args, **kwargs):
+        # .to()/.cuda()/.half(): caches are rebuilt on demand on the new device, not moved along
+        self._drop_derived()
+        return super()._apply(*args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._drop_derived()                        # new codes: the caches are stale
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _cache(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        self._buffers.pop(name, None)               # free the stale copy before keeping `t`
+        self.register_buffer(name, t, persistent=False)
+        setattr(self, f"_{name}_key", self._packed_key())
+        return t
+
+    @property
+    def w_q(self) -> torch.Tensor:
+        """int8 (N, Kp) int4 codes (read-only): the cache if the reference path built one, else
+        a fresh unpack of ``w_packed`` that is not kept."""
+        cached = self._cached("w_q_cache")
+        return cached if cached is not None else self._unpack()
+
+    def _reference_w_q(self) -> torch.Tensor:
+        """``w_q`` for the pure-torch reference, unpacked once and cached (``w_q_cache``)."""
+        cached = self._cached("w_q_cache")
+        return cached if cached is not None else self._cache("w_q_cache", self._unpack())
+
+    def release_unpacked(self) -> None:
+        """Drop the reference path's int8 cache ``w_q_cache`` (rebuilt on the next reference
+        forward); afterwards the layer holds only the packed codes, scales and float tensors."""
+        self._buffers.pop("w_q_cache", None)
+
+    def _dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        n, kp = q.shape
+        q = q.float()
         if self.w_zero is not None:
             q = q - _expand_blocks(self.w_zero, self.weight_spec, n, kp)
         return q * _expand_blocks(self.w_scale, self.weight_spec, n, kp)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The int part of the weight in fp32, (N, Kp): (w_q - w_zero) * w_scale per block."""
+        return self._dequantize(self.w_q)
 
     def _int4_nbytes(self) -> int:
         return _nbytes(self.w_packed, self.w_scale, self.w_zero)
@@ -287,7 +396,8 @@ class _Int4WeightMixin:
 class W4A16Linear(_Int4WeightMixin, QuantLinearBase):
     """Weight-only int4 (GPTQ/AWQ-style storage), activations kept in floating point.
 
-    Buffers: ``w_q`` int8 (N, Kp) int4 values; ``w_packed`` uint8 (N, ceil(Kp/2));
+    Buffers: ``w_packed`` uint8 (N, ceil(Kp/2)) packed int4 codes (``w_q``, int8 (N, Kp), is a
+    read-only view unpacked from it: see `_Int4WeightMixin`);
     ``w_scale`` fp16 compact (row (N,1), group (N,Kp/g), tile (ceil(N/tr),Kp/tc), tensor (1,1));
     ``w_zero`` (asymmetric specs) or None; ``bias`` fp16 (N,) or None.
     forward: y = x.float() @ dequant(W).T + bias in fp32 (row/group: `reference.w4a16_linear`).
@@ -326,9 +436,9 @@ class W4A16Linear(_Int4WeightMixin, QuantLinearBase):
             return self._forward_kernel(x)
         if self.weight_spec.granularity in ("row", "group"):
             g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else None
-            return reference.w4a16_linear(x, self.w_q, self.w_scale, group_size=g,
+            return reference.w4a16_linear(x, self._reference_w_q(), self.w_scale, group_size=g,
                                           w_zero=self.w_zero, bias=self.bias)
-        y = x.float() @ self.dequantized_weight().T
+        y = x.float() @ self._dequantize(self._reference_w_q()).T
         return y if self.bias is None else y + self.bias.float()
 
     def weight_nbytes(self) -> int:
@@ -343,9 +453,11 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
     quantization: ``perm = outliers.outlier_permutation(K, outlier_idx)`` puts the Kq = K - k
     regular channels first, so x[:, perm] = [x_reg (M, Kq) | x_out (M, k)].
 
-    Buffers: ``perm`` int64 (K,); ``outlier_idx`` int64 (k,) sorted; ``w_q`` int8 (N, Kp) with
-    Kp = Kq padded to the block width; ``w_packed`` uint8 (N, ceil(Kp/2)); ``w_scale`` fp16
-    compact (see W4A16Linear); ``w_out`` fp16 (N, k) = W[:, outlier_idx]; ``bias`` fp16 or None.
+    Buffers: ``perm`` int64 (K,); ``outlier_idx`` int64 (k,) sorted; ``w_packed`` uint8
+    (N, ceil(Kp/2)) packed int4 codes, Kp = Kq padded to the block width (``w_q``, int8 (N, Kp),
+    is a read-only view unpacked from it); ``w_scale`` fp16 compact (see W4A16Linear);
+    ``w_out`` fp16 (N, k) = W[:, outlier_idx]; ``bias`` fp16 or None. Non-persistent caches:
+    ``w_kernel`` (kernel layout, first kernel call), ``w_q_cache`` (reference path).
 
     forward, x (M, K) -> fp32 (M, N):
         x_reg, x_out = split(x[:, perm]);  x_q, x_scale = quantize_per_token(x_reg, act_bits)
@@ -420,10 +532,12 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
         (fp32 for fp64 inputs)."""
         from mixq.kernels.act_quant import act_quant
         from mixq.kernels.w4a4 import prepare_w4a4_weight, w4a4_gemm
-        if getattr(self, "w_kernel", None) is None or self.w_kernel.device != x.device:
-            # the kernel's pre-shuffled int4 layout, built once (not saved: derived from w_q)
-            self.register_buffer("w_kernel", prepare_w4a4_weight(self.w_q.to(x.device)),
-                                 persistent=False)
+        w_kernel = self._cached("w_kernel")
+        if w_kernel is None or w_kernel.device != x.device:
+            # the kernel's pre-shuffled int4 layout, built once from w_packed (the int8 unpack
+            # inside is a temporary; not saved: derived)
+            w_kernel = self._cache("w_kernel", prepare_w4a4_weight(
+                self.w_packed.to(x.device), self.k_padded))
         from mixq.norm import take_prequantized
         pre = take_prequantized(x, self)     # payload of a fused QuantNorm (mixq.norm), or None
         if pre is not None:
@@ -437,7 +551,7 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
             x_q, x_scale, x_out = act_quant(x.contiguous(), n_outliers=self.n_outliers,
                                             out_format="int8")
         g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else None
-        return w4a4_gemm(x_q, x_scale, self.w_kernel, self.w_scale, group_size=g,
+        return w4a4_gemm(x_q, x_scale, w_kernel, self.w_scale, group_size=g,
                          x_out=x_out if self.n_outliers else None,
                          w_out=self.w_out if self.n_outliers else None, bias=self.bias,
                          out_dtype=x.dtype if x.dtype in _KERNEL_OUT_DTYPES else torch.float32)
@@ -452,10 +566,10 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
         w_out = self.w_out if self.n_outliers else None
         if self.int_path:
             g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else None
-            return reference.w4a4_linear(x_reg, self.w_q, self.w_scale, group_size=g,
-                                         x_out=x_out, w_out=w_out, bias=self.bias)
+            return reference.w4a4_linear(x_reg, self._reference_w_q(), self.w_scale,
+                                         group_size=g, x_out=x_out, w_out=w_out, bias=self.bias)
         x_q, x_scale = reference.quantize_per_token(x_reg, self.act_bits)
-        y = (x_q.float() * x_scale.float()) @ self.dequantized_weight().T
+        y = (x_q.float() * x_scale.float()) @ self._dequantize(self._reference_w_q()).T
         if self.n_outliers:
             y = y + x_out.float() @ w_out.float().T
         return y if self.bias is None else y + self.bias.float()
@@ -504,4 +618,30 @@ def module_weight_nbytes(module: nn.Module) -> int:
             total += m.weight_nbytes()
         elif isinstance(m, nn.Linear):
             total += _nbytes(m.weight, m.bias)
+    return total
+
+
+def module_memory_bytes(module: nn.Module) -> int:
+    """Bytes `module` really holds: every parameter and buffer, persistent or not (kernel-layout
+    and unpacked caches included), counted once per underlying storage (tied weights, views).
+
+    Unlike `module_weight_nbytes` (the stored format), this is what a cache such as
+    ``w_q_cache`` or ``w_kernel`` adds; a storage larger than its tensor (a view of a bigger
+    buffer) counts in full, since all of it stays allocated.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    seen: set[tuple] = set()
+    total = 0
+    tensors = [t for m in module.modules()
+               for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+    for t in tensors:
+        if t.device.type == "meta":                 # shape only, no memory
+            continue
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr(), storage.nbytes())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
     return total

