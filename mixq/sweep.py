@@ -102,6 +102,7 @@ CONFIGS: list[SweepConfig] = [
     _c("w4a16-g192", mode="w4a16", w=_w4(192), note="192 divides K=576 and 1536"),
     _c("w4a16-row", mode="w4a16", w=_w4(None), note="one scale per output channel"),
     _c("w4a16-g128+gptq", "GPTQ", mode="w4a16", w=_w4(128), methods=(_GPTQ,)),
+    _c("w4a16-g64+gptq", "GPTQ", mode="w4a16", w=_w4(64), methods=(_GPTQ,)),
 ]
 
 
