@@ -127,7 +127,7 @@ def quantize_heads(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
 
 def dequantize_v(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """V_dq = fp16(codes * fp32(scale)): codes int8 (..., L, D), scale (..., L) -> fp16 (..., L, D)."""
-    return (codes.float() * scale.float().unsqueeze(-1)).to(torch.float16)
+    return _dequantize_rows(codes, scale).to(torch.float16)
 
 
 def _dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

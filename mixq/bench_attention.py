@@ -385,12 +385,6 @@ class _Bench:
         self._record("decode", ctx, b, s.decode_impl, kv4)
 
 
-def _environment(device: torch.device) -> dict:
-    from mixq.bench_e2e import _environment as e2e_environment
-
-    return e2e_environment(device)
-
-
 def _write(json_path, md_path, rows: list[dict], meta: dict) -> None:
     from mixq.bench import write_json
 
@@ -427,6 +421,8 @@ def run_attention_bench(spec: AttentionBenchSpec, *, device: str | torch.device 
         raise TypeError(f"spec must be an AttentionBenchSpec, got {type(spec).__name__}")
     _positive_int("repeats", repeats)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from mixq.bench_e2e import _environment   # device, versions incl. triton
+
     env = _environment(device)
     timing = _Timing(5, 25) if quick else _Timing(10, 60)
     method = ("median of triton.testing.do_bench over CUDA-graph replays of up to 8 input "

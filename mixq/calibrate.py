@@ -361,15 +361,20 @@ class LayerStats(dict):
         return self
 
 
-@torch.no_grad()
-def _layer_error(layer: nn.Module, float_layer: nn.Module, batch) -> dict:
-    """rel_err = ||f_q(h) - f(h)|| / ||f(h) - h|| on one calibration batch (see `layer_errors`)."""
+def _hidden(batch) -> torch.Tensor:
+    """The hidden states of one layer call ``(args, kwargs)`` (first positional, or kwarg)."""
     args, kwargs = batch
-    h = args[0] if args else kwargs["hidden_states"]
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.no_grad()
+def _layer_error(float_layer: nn.Module, batch, out: torch.Tensor) -> dict:
+    """rel_err = ||f_q(h) - f(h)|| / ||f(h) - h|| on one calibration batch (see `layer_errors`);
+    `out` is f_q(h), the transformed layer's output that the layer loop already computed."""
+    args, kwargs = batch
     ref = _layer_output(float_layer(*args, **kwargs)).float()
-    out = _layer_output(layer(*args, **kwargs)).float()
-    update = (ref - h.float()).norm()
-    return {"rel_err": float((out - ref).norm() / update.clamp(min=1e-12)),
+    update = (ref - _hidden(batch).float()).norm()
+    return {"rel_err": float((out.float() - ref).norm() / update.clamp(min=1e-12)),
             "update_norm": float(update)}
 
 
@@ -408,7 +413,8 @@ def calibrate_layerwise(model: nn.Module, batches, *, on_layer: OnLayer,
                 rel_err_i = ||f_q(h) - f(h)||_F / ||f(h) - h||_F     (f: the decoder layer)
 
             This is the error layer i adds by itself, so the largest values show which layers
-            dominate (costs one float forward of the layer per batch row kept, and a layer copy).
+            dominate (costs a copy of the layer and one float forward of it on the first batch;
+            the quantized output is the one the loop computes anyway).
     """
     if not callable(on_layer):
         raise TypeError(f"on_layer must be callable, got {type(on_layer).__name__}")
@@ -429,11 +435,12 @@ def calibrate_layerwise(model: nn.Module, batches, *, on_layer: OnLayer,
         float_layer = copy.deepcopy(layer) if layer_errors is not None else None
         on_layer(i, layer, groups, stats)
         del stats
-        if float_layer is not None:
-            layer_errors.append({"layer": i, **_layer_error(layer, float_layer, inputs[0])})
-            del float_layer
+        first = inputs[0]
         for j, (args, kwargs) in enumerate(inputs):
             inputs[j] = _replace_hidden(args, kwargs, _layer_output(layer(*args, **kwargs)))
+        if float_layer is not None:
+            layer_errors.append({"layer": i, **_layer_error(float_layer, first, _hidden(inputs[0]))})
+            del float_layer
         layer.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()

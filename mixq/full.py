@@ -164,14 +164,12 @@ def run_full(model_name: str, linear_config: str, *, n_calib: int = 128, calib_s
         rows with model, config, linear_config, ppl, ppl_fp16, ppl_ratio, kv_bytes, n_tokens,
         backend (+ device and versions).
     """
-    import json
     import time
-    from pathlib import Path
 
     from mixq.api import quantize
     from mixq.calibrate import calibration_batches
     from mixq.llm import load_model
-    from mixq.sweep import CONFIGS, _environment
+    from mixq.sweep import CONFIGS, _environment, _write
 
     by_name = {c.name: c for c in CONFIGS}
     if linear_config not in by_name:
@@ -185,16 +183,12 @@ def run_full(model_name: str, linear_config: str, *, n_calib: int = 128, calib_s
               "calib_seqlen": min(calib_seqlen, seqlen), "max_windows": max_windows, **env}
     rows: list[dict] = []
 
-    def write() -> None:
-        if json_path:
-            p = Path(json_path)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(json.dumps(rows, indent=1) + "\n")
-            meta = {**common, "kv_bits": cfg.kv_bits, "kv_group": cfg.kv_group,
-                    "attention": {k: getattr(cfg.attention, k)
-                                  for k in ("q_bits", "k_bits", "v_bits", "p_bits")},
-                    "seqlen": seqlen, "steps": list(STEPS), "written": time.strftime("%F %T")}
-            p.with_suffix(".meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    meta = {**common, "kv_bits": cfg.kv_bits, "kv_group": cfg.kv_group,
+            "attention": {k: getattr(cfg.attention, k) for k in ("q_bits", "k_bits", "v_bits", "p_bits")},
+            "seqlen": seqlen, "steps": list(STEPS)}
+
+    def write() -> None:   # the sweep's writer: atomic JSON list + <stem>.meta.json
+        _write(json_path, None, rows, {**meta, "written": time.strftime("%F %T")})
 
     fp = perplexity(model, tok, seqlen=seqlen, max_windows=max_windows, progress=progress)
     rows.append({"config": "fp16", "ppl_fp16": fp["ppl"], **fp, "ppl_ratio": 1.0,

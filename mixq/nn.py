@@ -425,8 +425,7 @@ class W4A16Linear(_Int4WeightMixin, QuantLinearBase):
         fp32 accumulation, output in x.dtype (gemv / split-K decode / tensor-core GEMM by M)."""
         from mixq.kernels.w4a16 import w4a16_matmul
         g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else self.k_padded
-        zero = None if self.w_zero is None else self.w_zero.to(torch.uint8)
-        return w4a16_matmul(x.contiguous(), self.w_packed, self.w_scale, g, w_zero=zero,
+        return w4a16_matmul(x.contiguous(), self.w_packed, self.w_scale, g, w_zero=self.w_zero,
                             bias=self.bias)
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:

@@ -76,3 +76,18 @@ def test_quantize_records_layer_errors(llama, tok):
     errs = llama.mixq_layer_errors
     assert [e["layer"] for e in errs] == list(range(llama.config.num_hidden_layers))
     assert all(0 < e["rel_err"] < 10 and e["update_norm"] > 0 for e in errs)
+
+
+def test_run_full_writes_rows_and_meta(tmp_path, stories_dir):
+    import json
+
+    from mixq.full import run_full
+    out = tmp_path / "full_tiny.json"
+    rows = run_full("stories260k", "w4a4-rtn", n_calib=2, calib_seqlen=64, max_windows=1,
+                    device="cpu", json_path=out, progress=False)
+    assert [r["config"] for r in rows] == ["fp16", *STEPS]
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
+    meta = json.loads(out.with_suffix(".meta.json").read_text())
+    assert meta["linear_config"] == "w4a4-rtn" and meta["steps"] == list(STEPS)
+    with pytest.raises(ValueError, match="unknown linear config"):
+        run_full("stories260k", "w4a3", json_path=None, progress=False)
