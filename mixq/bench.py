@@ -35,6 +35,7 @@ row carries gpu, torch and triton versions) and a Markdown table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -263,11 +264,10 @@ def _copy_bandwidth(timing: _Timing) -> float:
     from triton.testing import do_bench
 
     n = 1 << 30
-    a = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    t = do_bench(lambda: b.copy_(a), warmup=timing.warmup_ms, rep=timing.rep_ms,
-                 return_mode="median")
-    del a, b
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    copy = functools.partial(torch.empty_like(src).copy_, src)
+    t = do_bench(copy, warmup=timing.warmup_ms, rep=timing.rep_ms, return_mode="median")
+    del src, copy                        # free the 2 GiB before the GEMM shapes
     return 2 * n / (t * 1e-3) / 1e9
 
 
@@ -349,6 +349,7 @@ class _ShapeBench:
         from mixq.kernels import w4a4, w4a16
 
         n, k, kq, ko = self.n, self.k, self.kq, self.k_out
+        kqp = w4a4.padded_in_features(kq)            # x_q's stored columns (pad_to=block_k)
         wb = self.weights(mode)
         out_b = 2 * m * n
         if mode == "bf16":
@@ -380,24 +381,27 @@ class _ShapeBench:
             def make(o):
                 return lambda: w4a4.w4a4_gemm(o["xq"], o["xs"], o["w"], o["s"],
                                               x_out=o["xo"], w_out=o["w_out"])
-            return make, m * kq + 2 * m + wb["w"].numel() + 2 * n + 2 * (m + n) * ko + out_b
+            return make, m * kqp + 2 * m + wb["w"].numel() + 2 * n + 2 * (m + n) * ko + out_b
         if mode == "mixq_w4a4+quant":
             def make(o):
                 def run():
-                    xq, xs, xo = aq.act_quant(o["x"], n_outliers=ko, out_format="int8")
+                    xq, xs, xo = aq.act_quant(o["x"], n_outliers=ko, out_format="int8",
+                                              pad_to=w4a4.W4A4_BLOCK_K)
                     return w4a4.w4a4_gemm(xq, xs, o["w"], o["s"], x_out=xo, w_out=o["w_out"])
                 return run
-            return make, (2 * m * k) + 2 * (m * kq + 2 * m + 2 * m * ko) \
+            return make, (2 * m * k) + 2 * (m * kqp + 2 * m + 2 * m * ko) \
                 + wb["w"].numel() + 2 * n + 2 * n * ko + out_b
         if mode == "mixq_quant":
             def make(o):
-                return lambda: aq.act_quant(o["x"], n_outliers=ko, out_format="int8")
-            return make, 2 * m * k + m * kq + 2 * m + 2 * m * ko
+                return lambda: aq.act_quant(o["x"], n_outliers=ko, out_format="int8",
+                                            pad_to=w4a4.W4A4_BLOCK_K)
+            return make, 2 * m * k + m * kqp + 2 * m + 2 * m * ko
         raise ValueError(f"unknown mode {mode!r}")
 
     def operand_set(self, mode: str, m: int, copy: bool) -> dict:
         """Activations (quantized as the mode needs) for M tokens + the mode's weights."""
         from mixq.kernels import act_quant as aq
+        from mixq.kernels import w4a4
 
         x = self.x[:m].contiguous()
         o = {kk: (v.clone() if copy else v) for kk, v in self.weights(mode).items()}
@@ -413,7 +417,8 @@ class _ShapeBench:
             xq, xs, _ = aq.act_quant(x, out_format="int8")
             o.update(xq=xq, xs=xs)
         elif mode == "mixq_w4a4_outliers":
-            xq, xs, xo = aq.act_quant(x, n_outliers=self.k_out, out_format="int8")
+            xq, xs, xo = aq.act_quant(x, n_outliers=self.k_out, out_format="int8",
+                                      pad_to=w4a4.W4A4_BLOCK_K)   # the weight's Kpad columns
             o.update(xq=xq, xs=xs, xo=xo)
         o["x"] = x.clone() if copy else x
         return o

@@ -71,6 +71,34 @@ def test_two_pass_loop(monkeypatch, device, seed):
     _assert_equal(act_quant(x, outlier_idx=idx), _expected(x[:, keep], x[:, idx], "packed"))
 
 
+@pytest.mark.parametrize("k,n_out,pad_to", [(77, 4, 16), (300, 5, 128), (129, 0, 128), (64, 0, 64)])
+@pytest.mark.parametrize("out_format", ["packed", "int8"])
+def test_pad_to_appends_zero_codes(k, n_out, pad_to, out_format, monkeypatch, device, seed):
+    """pad_to: the codes of the unpadded call, then zero codes up to a multiple of pad_to;
+    scales and outliers unchanged (single-pass and two-pass kernels)."""
+    x = _activations(5, k, DTYPES[seed % 3], device)
+    kq = k - n_out
+    ks = -(-kq // pad_to) * pad_to
+    plain = act_quant(x, n_outliers=n_out, out_format=out_format)
+    for single_max in (aq._SINGLE_PASS_MAX, 32):
+        monkeypatch.setattr(aq, "_SINGLE_PASS_MAX", single_max)
+        monkeypatch.setattr(aq, "_LOOP_BLOCK_K", 16 if single_max == 32 else aq._LOOP_BLOCK_K)
+        x_q, x_scale, x_out = act_quant(x, n_outliers=n_out, out_format=out_format, pad_to=pad_to)
+        width = ks if out_format == "int8" else (ks + 1) // 2
+        assert x_q.shape == (5, width)
+        stored = plain[0].shape[1]
+        assert torch.equal(x_q[:, :stored], plain[0])
+        assert not x_q[:, stored:].any()
+        assert torch.equal(x_scale, plain[1]) and torch.equal(x_out, plain[2])
+
+
+def test_pad_to_rejects_bad_values(device):
+    x = _activations(2, 16, torch.float16, device)
+    for bad in (0, -128, 1.5, True):
+        with pytest.raises(ValueError, match="pad_to"):
+            act_quant(x, pad_to=bad)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 8])
 def test_other_bit_widths(bits, device, seed):
     x = _activations(9, 50, torch.float16, device)

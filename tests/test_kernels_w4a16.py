@@ -104,15 +104,17 @@ def test_regimes():
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_dequantize_int4_is_exact(symmetric, device, seed):
-    """(q - z) * s is exact in fp32, so the kernel's RNE cast must equal the reference's cast."""
-    w = torch.randn(37, 96)
-    qt = quant.quantize(w, QuantSpec(4, symmetric, "group", group_size=32))
+@pytest.mark.parametrize("k,group_size", [(96, 32), (384, 128), (256, 256)])
+def test_dequantize_int4_is_exact(symmetric, k, group_size, device, seed):
+    """(q - z) * s is exact in fp32, so the kernel's RNE cast must equal the reference's cast
+    (groups smaller than the 128-column tile: a scale per element; else one per row)."""
+    w = torch.randn(67, k)
+    qt = quant.quantize(w, QuantSpec(4, symmetric, "group", group_size=group_size))
     w_q = qt.q if symmetric else qt.q.to(torch.uint8)
-    ref = reference.dequantize_weight(w_q, qt.scale, group_size=32, w_zero=qt.zero)
+    ref = reference.dequantize_weight(w_q, qt.scale, group_size=group_size, w_zero=qt.zero)
     for dtype in (torch.bfloat16, torch.float16):
-        got = W.dequantize_int4(quant.pack_int4(qt.q).to(device), qt.scale.to(device), 32, 96, dtype,
-                                None if symmetric else qt.zero.to(device))
+        got = W.dequantize_int4(quant.pack_int4(qt.q).to(device), qt.scale.to(device), group_size,
+                                k, dtype, None if symmetric else qt.zero.to(device))
         assert got.dtype == dtype and torch.equal(got.cpu(), ref.to(dtype))
 
 
@@ -162,3 +164,4 @@ def test_cpu_tensor_rejected_without_interpreter(monkeypatch):
     (x, w, s, z, b), _, _ = _problem(2, 16, 32, 32, True, torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match="CUDA"):
         w4a16_matmul(x, w, s, 32)
+

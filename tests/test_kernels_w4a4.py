@@ -135,6 +135,25 @@ def test_gemm_block_k_and_groups(block_k, group_size, device, seed):
     torch.testing.assert_close(y, ref, rtol=2e-6, atol=2e-6 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("m", [3, 130])
+def test_gemm_accepts_x_q_padded_to_kpad(m, device, seed):
+    """x_q with the prepared weight's Kpad columns (act_quant(..., pad_to=block_k)) gives the
+    result of the unpadded x_q: the pad weight columns are zero (no tail step, no copy)."""
+    from mixq.kernels.act_quant import act_quant
+    from mixq.kernels.w4a4 import padded_in_features
+    n, k, n_out = 70, 200, 8
+    p = _problem(m, n, k - n_out, device, n_out=n_out)
+    x = torch.randn(m, k, device=device, dtype=torch.float16)
+    x_q, x_scale, x_out = act_quant(x, n_outliers=n_out, out_format="int8")
+    x_qp, x_scalep, x_outp = act_quant(x, n_outliers=n_out, out_format="int8",
+                                       pad_to=padded_in_features(k - n_out))
+    assert x_qp.shape == (m, padded_in_features(k - n_out))
+    args = dict(x_out=x_out, w_out=p["w_out"], out_dtype=torch.float32)
+    y = w4a4_gemm(x_q, x_scale, p["w_packed"], p["w_scale"], **args)
+    y_pad = w4a4_gemm(x_qp, x_scalep, p["w_packed"], p["w_scale"], **args)
+    assert torch.equal(y, y_pad)
+
+
 def test_gemm_fp16_output_and_1d_scale(device, seed):
     p = _problem(4, 70, 128, device, n_out=16)
     y = w4a4_gemm(p["x_q"], p["x_scale"].reshape(-1), p["w_packed"], p["w_scale"],

@@ -143,10 +143,10 @@ def test_llama_generate_kernel_decode_equals_reference(llama, tok, monkeypatch):
     assert not cache.packed_reads                                  # the hooks reset the flag
 
 
-def test_opt_generate_kernel_decode_equals_reference(tiny_opt, monkeypatch):
+def test_opt_generate_kernel_decode_equals_reference(tiny_opt, monkeypatch, device):
     calls = _spy_decode(monkeypatch)
-    model = tiny_opt()
-    ids = torch.tensor([[2, 17, 33, 5, 61]])
+    model = tiny_opt().to(device)
+    ids = torch.tensor([[2, 17, 33, 5, 61]], device=device)
     enable_quantized_attention(model, AttentionQuantConfig(8, None, None, 8, use_kernels=False))
     want = _generate(model, ids, KV4Cache(model.config, group_size=4))
     enable_quantized_attention(model, AttentionQuantConfig(8, None, None, 8, use_kernels=True))

@@ -273,10 +273,10 @@ def test_w4a4_kernel_dispatch_matches_reference(spec, n_out, seed, device):
 
 # ----------------------------------------------------------------------------- kernel dispatch
 @pytest.mark.parametrize("m,k,n", [(1, 37, 19), (23, 64, 40), (5, 100, 9)])
-def test_w8a8_kernel_path_equals_reference(seed, m, k, n):
+def test_w8a8_kernel_path_equals_reference(seed, m, k, n, device):
     """act_quant(bits=8) + torch._int_mm + the same fp32 epilogue == reference, bit for bit."""
-    lin = _linear(k, n)
-    x = torch.randn(m, k) * 3
+    lin = _linear(k, n).to(device)
+    x = torch.randn(m, k, device=device) * 3
     ref = qnn.W8A8Linear.from_linear(lin)
     ref.use_kernels = False
     ker = qnn.W8A8Linear.from_linear(lin)
@@ -302,10 +302,10 @@ def test_int8_mm_with_padded_weight(seed):
 @pytest.mark.parametrize("spec", [QuantSpec(4, True, "group", group_size=32), ROW4,
                                   QuantSpec(4, False, "group", group_size=16)],
                          ids=lambda s: s.describe())
-def test_w4a16_kernel_path_matches_reference(seed, spec):
+def test_w4a16_kernel_path_matches_reference(seed, spec, device):
     """The Triton W4A16 kernel (bf16/fp16 in, fp32 accumulate) against the fp32 reference."""
-    lin = _linear(80, 24)
-    x = torch.randn(3, 80)
+    lin = _linear(80, 24).to(device)
+    x = torch.randn(3, 80, device=device)
     ref = qnn.W4A16Linear.from_linear(lin, weight_spec=spec)
     ref.use_kernels = False
     ker = qnn.W4A16Linear.from_linear(lin, weight_spec=spec)
@@ -361,25 +361,26 @@ def test_reference_cache_is_released(seed, cls):
     torch.testing.assert_close(m(x), y, **EXACT)
 
 
-def test_w4a16_kernel_path_holds_packed_only(seed):
+def test_w4a16_kernel_path_holds_packed_only(seed, device):
     """Kernel path (Triton interpreter on CPU): no int8 copy; ~0.5 byte/weight + scales,
     under 0.30x the bf16 weight."""
     n, k, g = 24, 256, 64
-    m = qnn.W4A16Linear.from_linear(_linear(k, n, bias=False),
+    m = qnn.W4A16Linear.from_linear(_linear(k, n, bias=False).to(device),
                                     weight_spec=QuantSpec(4, True, "group", group_size=g))
     m.use_kernels = True
-    m(torch.randn(3, k, dtype=torch.float16))
+    m(torch.randn(3, k, dtype=torch.float16, device=device))
     assert set(m._buffers) == {"w_scale", "w_zero", "w_packed", "bias"}    # no cache built
     held = qnn.module_memory_bytes(m)
     assert held == n * k // 2 + n * (k // g) * 2 == m.weight_nbytes()
     assert held <= 0.30 * n * k * 2
 
 
-def test_w4a4_kernel_path_builds_kernel_layout_only(seed):
+def test_w4a4_kernel_path_builds_kernel_layout_only(seed, device):
     spec = QuantSpec(4, True, "row")
-    m = qnn.W4A4Linear.from_linear(_linear(70, 9), weight_spec=spec, outlier_idx=torch.tensor([3]))
+    m = qnn.W4A4Linear.from_linear(_linear(70, 9).to(device), weight_spec=spec,
+                                   outlier_idx=torch.tensor([3], device=device))
     m.use_kernels = True
-    x = torch.randn(2, 70)
+    x = torch.randn(2, 70, device=device)
     y = m(x)
     assert "w_q_cache" not in m._buffers and "w_kernel" in m._buffers
     assert set(m.state_dict()) == {"perm", "outlier_idx", "w_scale", "w_packed", "w_out", "bias"}

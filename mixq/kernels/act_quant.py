@@ -67,19 +67,20 @@ def _quantize_tile(x, scale, QMIN: tl.constexpr, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _store_codes(q_ptr, q, rows, rmask, k0, KQ, stride_qm,
+def _store_codes(q_ptr, q, rows, rmask, k0, KS, stride_qm,
                  PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Store codes q (BM, BK) int32 of columns k0..k0+BK: packed nibble pairs or int8."""
+    """Store codes q (BM, BK) int32 of columns k0..k0+BK (< KS, the stored row width): packed
+    nibble pairs or int8."""
     if PACKED:
         lo, hi = tl.split(tl.reshape(q & 0xF, (BLOCK_M, BLOCK_K // 2, 2)))
         byte = (lo | (hi << 4)).to(tl.uint8)
         pcols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         tl.store(q_ptr + rows[:, None] * stride_qm + pcols[None, :], byte,
-                 mask=rmask[:, None] & (pcols < (KQ + 1) // 2)[None, :])
+                 mask=rmask[:, None] & (pcols < (KS + 1) // 2)[None, :])
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
         tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(tl.int8),
-                 mask=rmask[:, None] & (cols < KQ)[None, :])
+                 mask=rmask[:, None] & (cols < KS)[None, :])
 
 
 @triton.jit
@@ -96,9 +97,10 @@ def _load_x(x_ptr, perm_ptr, rows, rmask, k0, KQ, stride_xm,
                    mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
 
 
-@autotune(_CONFIGS, key=["KQ", "KO", "M_BUCKET", "PACKED"], prune_configs_by={"early_config_prune": _prune})
+@autotune(_CONFIGS, key=["KQ", "KS", "KO", "M_BUCKET", "PACKED"],
+          prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _act_quant_kernel(x_ptr, perm_ptr, q_ptr, s_ptr, o_ptr, M, KQ, KO, M_BUCKET,
+def _act_quant_kernel(x_ptr, perm_ptr, q_ptr, s_ptr, o_ptr, M, KQ, KS, KO, M_BUCKET,
                       stride_xm, stride_qm, stride_om,
                       HAS_PERM: tl.constexpr, PACKED: tl.constexpr,
                       QMIN: tl.constexpr, QMAX: tl.constexpr,
@@ -120,13 +122,13 @@ def _act_quant_kernel(x_ptr, perm_ptr, q_ptr, s_ptr, o_ptr, M, KQ, KO, M_BUCKET,
     tl.store(s_ptr + rows, scale, mask=rmask)
     s32 = scale.to(tl.float32)
     if SINGLE_PASS:
-        q = _quantize_tile(x, s32, QMIN, QMAX)
-        _store_codes(q_ptr, q, rows, rmask, 0, KQ, stride_qm, PACKED, BLOCK_M, BLOCK_K)
+        q = _quantize_tile(x, s32, QMIN, QMAX)          # columns KQ..KS read as 0 -> code 0
+        _store_codes(q_ptr, q, rows, rmask, 0, KS, stride_qm, PACKED, BLOCK_M, BLOCK_K)
     else:
-        for k0 in range(0, KQ, BLOCK_K):
+        for k0 in range(0, KS, BLOCK_K):
             xk = _load_x(x_ptr, perm_ptr, rows, rmask, k0, KQ, stride_xm, HAS_PERM, BLOCK_K)
             q = _quantize_tile(xk, s32, QMIN, QMAX)
-            _store_codes(q_ptr, q, rows, rmask, k0, KQ, stride_qm, PACKED, BLOCK_M, BLOCK_K)
+            _store_codes(q_ptr, q, rows, rmask, k0, KS, stride_qm, PACKED, BLOCK_M, BLOCK_K)
     # the outlier channels: a plain copy (cast to x_out's dtype)
     for o0 in range(0, KO, BLOCK_O):
         ocols = o0 + tl.arange(0, BLOCK_O)
@@ -169,21 +171,27 @@ def outlier_gather_index(k_total: int, outlier_idx: torch.Tensor) -> torch.Tenso
     return torch.cat([regular, outlier_idx.long()]).to(torch.int32)
 
 
-def _act_quant_impl(x, gather_idx, n_outliers, out_format, bits, out_dtype):
+def _code_columns(kq: int, pad_to: int) -> int:
+    """Stored code columns: Kq rounded up to a multiple of `pad_to` (the extra codes are 0)."""
+    return -(-kq // pad_to) * pad_to
+
+
+def _act_quant_impl(x, gather_idx, n_outliers, out_format, bits, out_dtype, pad_to=1):
     m, k_total = x.shape
     kq = k_total - n_outliers
+    ks = _code_columns(kq, pad_to)
     packed = out_format == "packed"
-    x_q = torch.empty((m, (kq + 1) // 2) if packed else (m, kq),
+    x_q = torch.empty((m, (ks + 1) // 2) if packed else (m, ks),
                       dtype=torch.uint8 if packed else torch.int8, device=x.device)
     x_scale = torch.empty((m, 1), dtype=torch.float16, device=x.device)
     x_out = torch.empty((m, n_outliers), dtype=out_dtype, device=x.device)
-    single = kq <= _SINGLE_PASS_MAX
-    block_k = max(_next_pow2(kq), 16) if single else _LOOP_BLOCK_K
+    single = ks <= _SINGLE_PASS_MAX
+    block_k = max(_next_pow2(ks), 16) if single else _LOOP_BLOCK_K
     block_o = min(max(_next_pow2(n_outliers), 16), 1024)
     perm = gather_idx if gather_idx is not None else x_scale   # dummy pointer, never read
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)     # noqa: E731
     _act_quant_kernel[grid](
-        x, perm, x_q, x_scale, x_out, m, kq, n_outliers, m_bucket(m),
+        x, perm, x_q, x_scale, x_out, m, kq, ks, n_outliers, m_bucket(m),
         x.stride(0), x_q.stride(0), max(n_outliers, 1),
         HAS_PERM=gather_idx is not None, PACKED=packed,
         QMIN=-(2 ** (bits - 1)), QMAX=2 ** (bits - 1) - 1,
@@ -193,19 +201,19 @@ def _act_quant_impl(x, gather_idx, n_outliers, out_format, bits, out_dtype):
 
 @torch.library.custom_op(op_name("act_quant"), mutates_args=())
 def _act_quant_op(x: torch.Tensor, gather_idx: Optional[torch.Tensor], n_outliers: int,
-                  out_format: str, bits: int,
-                  out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _act_quant_impl(x, gather_idx, n_outliers, out_format, bits, out_dtype)
+                  out_format: str, bits: int, out_dtype: torch.dtype,
+                  pad_to: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _act_quant_impl(x, gather_idx, n_outliers, out_format, bits, out_dtype, pad_to)
 
 
 @_act_quant_op.register_fake
-def _(x, gather_idx, n_outliers, out_format, bits, out_dtype):
+def _(x, gather_idx, n_outliers, out_format, bits, out_dtype, pad_to):
     m, k_total = x.shape
-    kq = k_total - n_outliers
+    ks = _code_columns(k_total - n_outliers, pad_to)
     if out_format == "packed":
-        x_q = x.new_empty((m, (kq + 1) // 2), dtype=torch.uint8)
+        x_q = x.new_empty((m, (ks + 1) // 2), dtype=torch.uint8)
     else:
-        x_q = x.new_empty((m, kq), dtype=torch.int8)
+        x_q = x.new_empty((m, ks), dtype=torch.int8)
     return x_q, x.new_empty((m, 1), dtype=torch.float16), x.new_empty((m, n_outliers), dtype=out_dtype)
 
 
@@ -231,8 +239,8 @@ def resolve_outliers(x: torch.Tensor, n_outliers: int, outlier_idx: torch.Tensor
 
 
 def act_quant(x: torch.Tensor, *, n_outliers: int = 0, outlier_idx: torch.Tensor | None = None,
-              out_format: str = "packed", bits: int = 4,
-              out_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              out_format: str = "packed", bits: int = 4, out_dtype: torch.dtype = torch.float16,
+              pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token symmetric quantization of the int4 part of `x` plus the outlier copy, one pass.
 
     Args:
@@ -244,8 +252,12 @@ def act_quant(x: torch.Tensor, *, n_outliers: int = 0, outlier_idx: torch.Tensor
         out_format: "packed" (uint8 (M, ceil(Kq/2)), bits <= 4) or "int8" (int8 (M, Kq)).
         bits: 2..8 bit signed grid [-2^(bits-1), 2^(bits-1)-1]; "packed" needs bits <= 4.
         out_dtype: dtype of x_out (fp16 by contract; bf16/fp32 allowed).
+        pad_to: store Ks = Kq rounded up to a multiple of `pad_to` code columns, the extra
+            codes 0 (for the W4A4 GEMM: ``pad_to=block_k`` gives x_q the prepared weight's
+            Kpad columns, so the GEMM needs no tail step and no padding copy).
     Returns:
-        ``(x_q, x_scale, x_out)``: x_q as `out_format`; x_scale fp16 (M, 1); x_out (M, k)
+        ``(x_q, x_scale, x_out)``: x_q as `out_format` with Ks columns (int8 (M, Ks), packed
+        (M, ceil(Ks/2))); x_scale fp16 (M, 1); x_out (M, k)
         `out_dtype` with ``x_out[:, i] = x[:, o_i]`` (o = the last k channels or `outlier_idx`).
     Raises:
         TypeError / ValueError on a bad dtype, shape, device, layout or argument.
@@ -255,7 +267,9 @@ def act_quant(x: torch.Tensor, *, n_outliers: int = 0, outlier_idx: torch.Tensor
     check_quant_args(out_format, bits, n_outliers)
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {[str(d) for d in _OUT_DTYPES]}, got {out_dtype}")
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
+        raise ValueError(f"pad_to must be a positive int, got {pad_to!r}")
     gather_idx, n_outliers = resolve_outliers(x, n_outliers, outlier_idx)
     # the custom op makes the kernel traceable by torch.compile; eager calls skip its dispatch
     impl = _act_quant_op if torch.compiler.is_compiling() else _act_quant_impl
-    return impl(x, gather_idx, n_outliers, out_format, bits, out_dtype)
+    return impl(x, gather_idx, n_outliers, out_format, bits, out_dtype, pad_to)

@@ -50,10 +50,14 @@ accumulation) accumulates straight into that fp32 tile before the one store, so 
 written once. Up to 128 outlier channels are one masked step; more go in 64-wide steps.
 
 K tails. With outliers split off, Kq (e.g. 4096 - 48 = 4048) is usually not a multiple of
-``block_k``. The main loop only runs full, unmasked blocks; for M >= 128 the launcher
-zero-pads ``x_q`` to Kpad (one small copy, M * Kpad bytes), for smaller M the last partial
-block is one peeled, masked step. (Measured on the H100: masking every step, or an un-pipelined
-tail step in every tile, cost 15-45% at M = 2048; see scripts/KERNEL_NOTES.md.)
+``block_k``. ``x_q`` may therefore have either Kq columns or the prepared weight's Kpad columns
+(the padded weight columns are zero, so whatever the pad codes are they add nothing; the
+act-quant kernel writes zeros there with ``act_quant(..., pad_to=block_k)``, at no extra cost).
+The main loop only runs full, unmasked blocks. With a Kq-column ``x_q``, M >= 128 is zero-padded
+to Kpad by the launcher (a copy) and smaller M peel the last partial block into one masked step.
+Measured on the H100 (Llama-3-8B shapes, M = 2048, 1% outliers): the padding copy plus the
+outlier step cost 11-49% over the plain kernel, a pre-padded ``x_q`` 4-7%
+(scripts/KERNEL_NOTES.md, results/study/study_run1_h100.json).
 
 Tiling and autotuning: one small config list per M regime (M <= 32, <= 1024, larger), keyed on
 an M bucket, N, K and the variant flags. Configs may use a persistent grid (one program per SM
@@ -531,8 +535,9 @@ def w4a4_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
     the same ``x_q, x_scale``: bit for bit before the outlier term, to fp32 rounding after it).
 
     Args:
-        x_q: int8 (M, Kq) contiguous, the quantized int4 part of the activations (values in
-            [-8, 7]; one value per byte as written by the act-quant kernel).
+        x_q: int8 (M, Kq) or (M, Kpad) contiguous, the quantized int4 part of the activations
+            (values in [-8, 7]; one value per byte as written by the act-quant kernel, Kpad
+            columns with ``pad_to=block_k``: no tail step, no padding copy).
         x_scale: (M, 1) or (M,) fp16/bf16/fp32 per-token scales.
         w_packed: uint8 (N, Kpad/2) contiguous, from `prepare_w4a4_weight(..., block_k=block_k)`.
         w_scale: (N, 1) per output channel (group_size None) or (N, Kq // group_size) per
