@@ -18,6 +18,8 @@ The split is either
 Output formats of x_q: ``"packed"`` -> uint8 (M, ceil(Kq/2)), two codes per byte, low nibble
 first (the `mixq.quant.pack_int4` layout, tail nibble 0); ``"int8"`` -> int8 (M, Kq), one code
 per byte (for GEMMs that want plain int8 operands; also the W8A8 quantizer with bits=8).
+``pad_to=p`` widens x_q to Ks = ceil(Kq / p) * p code columns, the extra codes 0 (written by the
+same pass): the W4A4 GEMM takes x_q with its prepared weight's Kpad columns directly.
 
 One program handles BLOCK_M tokens. When a row's int4 part fits one tile (Kq <= 8192) x is read
 once: load, absmax, quantize and store from registers; otherwise a first loop finds the absmax
