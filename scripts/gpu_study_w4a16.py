@@ -2,7 +2,7 @@
 
     python scripts/gpu_study_w4a16.py OUT_DIR
 
-Hypothesis (scripts/KERNEL_NOTES.md, run 4): the W4A16 decode kernels are bound by the
+Hypothesis (scripts/KERNEL_NOTES.md, runs 5 and 8): the W4A16 decode kernels are bound by the
 dequantization arithmetic (~6 integer/float ops per weight for shifts, joins, magic-number
 conversion), while the W4A4 kernel streams the same int4 bytes at ~3x bf16 on gate_up with a
 2-op unpack per 4 weights. So: W4A4's pre-shuffled layout and asm unpack (16*v as int8), one
@@ -35,7 +35,7 @@ T0 = time.time()
 @triton.jit
 def _w4a16_w4a4_loop_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KP, NG, stride_xm, stride_wn,
                             USE_ASM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                            SPLIT_K: tl.constexpr):
+                            SPLIT_K: tl.constexpr, PLAIN: tl.constexpr):
     HALF: tl.constexpr = 64
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -46,7 +46,10 @@ def _w4a16_w4a4_loop_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KP, NG, stride_
     rows_m = tl.minimum(offs_m, M - 1)
     offs_p = tl.arange(0, HALF)
     w_ptrs = w_ptr + rows_n[:, None].to(tl.int64) * stride_wn + offs_p[None, :]
-    x_ptrs = x_ptr + rows_m[:, None].to(tl.int64) * stride_xm + offs_p[None, :]
+    if PLAIN:   # pack_int4 layout: byte j = columns 2j (low nibble) and 2j + 1 (high nibble)
+        x_ptrs = x_ptr + rows_m[:, None].to(tl.int64) * stride_xm + 2 * offs_p[None, :]
+    else:       # W4A4 layout: byte j of a 128-column block = columns j and j + 64
+        x_ptrs = x_ptr + rows_m[:, None].to(tl.int64) * stride_xm + offs_p[None, :]
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     blocks = KP // HALF
@@ -56,7 +59,10 @@ def _w4a16_w4a4_loop_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KP, NG, stride_
     for b in range(b_lo, b_hi):
         w = tl.load(w_ptrs + b * HALF)
         x_lo = tl.load(x_ptrs + b * 128)
-        x_hi = tl.load(x_ptrs + b * 128 + HALF)
+        if PLAIN:
+            x_hi = tl.load(x_ptrs + b * 128 + 1)
+        else:
+            x_hi = tl.load(x_ptrs + b * 128 + HALF)
         part = tl.dot(W._unpack_lo(w, USE_ASM).to(dt), tl.trans(x_lo))
         part = tl.dot(W._unpack_hi(w, USE_ASM).to(dt), tl.trans(x_hi), part)
         s = tl.load(s_ptr + rows_n * NG + (b * 128) // 128).to(tl.float32) * 0.0625
@@ -69,14 +75,14 @@ def _w4a16_w4a4_loop_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KP, NG, stride_
         tl.store(y_ptrs, acc, mask=mask)
 
 
-def run(x, wp, s, n, cfg):
+def run(x, wp, s, n, cfg, plain=False):
     bn, split, warps, stages = cfg
     m, k = x.shape
     y = torch.zeros((m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, bn), triton.cdiv(m, 16), split)
     _w4a16_w4a4_loop_kernel[grid](x, wp, s, y, m, n, k, wp.shape[1], k // 128, x.stride(0),
                                   wp.stride(0), USE_ASM=not DRY, BM=16, BN=bn, SPLIT_K=split,
-                                  num_warps=warps, num_stages=stages)
+                                  PLAIN=plain, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -104,8 +110,7 @@ SHAPES = {"8b.gate_up": (28672, 4096), "8b.down": (4096, 14336), "8b.o": (4096, 
           "8b.qkv": (6144, 4096)}
 if DRY:
     SHAPES = {"tiny": (130, 384)}
-CFGS = [(64, 1, 4, 4), (64, 2, 4, 4), (64, 4, 4, 4), (64, 8, 4, 3), (128, 1, 4, 4),
-        (128, 2, 4, 4), (128, 4, 4, 3), (64, 16, 4, 3)]
+CFGS = [(64, 8, 4, 3), (128, 4, 4, 3), (64, 16, 4, 3), (64, 4, 4, 4)]   # run 5 swept 8
 for shape, (n, k) in SHAPES.items():
     wq = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=DEV)
     s = (torch.rand(n, k // 128, device=DEV) * 0.01 + 1e-3).half()
@@ -121,8 +126,10 @@ for shape, (n, k) in SHAPES.items():
             record(shape, m, "peer bf16", timed(lambda: xb @ wb.T))
             record(shape, m, "mixq w4a16 (current)", timed(lambda: W16.w4a16_matmul(x, wp_plain, s, 128)))
         for cfg in CFGS:
-            t = timed(lambda cfg=cfg: run(x, wp, s, n, cfg))
-            y = run(x, wp, s, n, cfg)
-            rel = float((y - ref).norm() / ref.norm())
-            record(shape, m, "w4a4-loop BN%d sk%d w%d s%d" % cfg, t, rel=rel)
+            for plain, w_in in ((False, wp), (True, wp_plain)):
+                t = timed(lambda cfg=cfg, plain=plain, w_in=w_in: run(x, w_in, s, n, cfg, plain))
+                y = run(x, w_in, s, n, cfg, plain)
+                rel = float((y - ref).norm() / ref.norm())
+                record(shape, m, ("plain-layout " if plain else "w4a4-loop ")
+                       + "BN%d sk%d w%d s%d" % cfg, t, rel=rel)
 print(f"done in {time.time() - T0:.0f}s", flush=True)
