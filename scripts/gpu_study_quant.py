@@ -17,7 +17,6 @@ Prints time, % of copy bandwidth and whether the codes equal DIV=0's bit for bit
 import json
 import os
 import sys
-import time
 
 import torch
 import triton
