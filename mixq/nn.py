@@ -530,7 +530,7 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
         copy, one pass) then the W4A4 GEMM with the outlier product fused, output in x.dtype
         (fp32 for fp64 inputs)."""
         from mixq.kernels.act_quant import act_quant
-        from mixq.kernels.w4a4 import padded_in_features, prepare_w4a4_weight, w4a4_gemm
+        from mixq.kernels.w4a4 import prepare_w4a4_weight, w4a4_gemm
         w_kernel = self._cached("w_kernel")
         if w_kernel is None or w_kernel.device != x.device:
             # the kernel's pre-shuffled int4 layout, built once from w_packed (the int8 unpack
@@ -547,8 +547,7 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
             # codes zero-padded to the prepared weight's Kpad columns inside the quant kernel
             # (zero codes leave absmax and the dot unchanged): no tail step, no padding copy
             x_q, x_scale, x_out = act_quant(x.contiguous(), n_outliers=self.n_outliers,
-                                            out_format="int8",
-                                            pad_to=padded_in_features(self.k_padded))
+                                            out_format="int8", pad_to=2 * w_kernel.shape[1])
         g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else None
         return w4a4_gemm(x_q, x_scale, w_kernel, self.w_scale, group_size=g,
                          x_out=x_out if self.n_outliers else None,

@@ -172,6 +172,12 @@ def autotune(configs: Sequence[Any], key: list[str], **kwargs) -> Callable:
     return triton.autotune(configs=autotune_configs(configs), key=key, **kwargs)
 
 
+def round_up(v: int, multiple: int) -> int:
+    """`v` rounded up to a multiple of `multiple` (both positive ints): padded widths of kernel
+    operands (int8 GEMM alignment, W4A4 K blocks, padded act-quant codes)."""
+    return -(-v // multiple) * multiple
+
+
 def m_bucket(m: int) -> int:
     """Coarse bucket of the token count M used as an autotune key (so tuning runs once per
     regime, not once per exact M): 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096+."""

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixq.kernels._triton import autotune, check_kernel_device, m_bucket, op_name
+from mixq.kernels._triton import autotune, check_kernel_device, m_bucket, op_name, round_up
 from mixq.kernels.pack import cast_rne, round_half_even
 from mixq.validation import check_quant_args, check_tensor
 
@@ -173,15 +173,10 @@ def outlier_gather_index(k_total: int, outlier_idx: torch.Tensor) -> torch.Tenso
     return torch.cat([regular, outlier_idx.long()]).to(torch.int32)
 
 
-def _code_columns(kq: int, pad_to: int) -> int:
-    """Stored code columns: Kq rounded up to a multiple of `pad_to` (the extra codes are 0)."""
-    return -(-kq // pad_to) * pad_to
-
-
 def _act_quant_impl(x, gather_idx, n_outliers, out_format, bits, out_dtype, pad_to=1):
     m, k_total = x.shape
     kq = k_total - n_outliers
-    ks = _code_columns(kq, pad_to)
+    ks = round_up(kq, pad_to)                 # stored code columns, the extra codes 0
     packed = out_format == "packed"
     x_q = torch.empty((m, (ks + 1) // 2) if packed else (m, ks),
                       dtype=torch.uint8 if packed else torch.int8, device=x.device)
@@ -211,7 +206,7 @@ def _act_quant_op(x: torch.Tensor, gather_idx: Optional[torch.Tensor], n_outlier
 @_act_quant_op.register_fake
 def _(x, gather_idx, n_outliers, out_format, bits, out_dtype, pad_to):
     m, k_total = x.shape
-    ks = _code_columns(k_total - n_outliers, pad_to)
+    ks = round_up(k_total - n_outliers, pad_to)
     if out_format == "packed":
         x_q = x.new_empty((m, (ks + 1) // 2), dtype=torch.uint8)
     else:

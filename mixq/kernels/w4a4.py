@@ -80,7 +80,6 @@ Public API
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -89,7 +88,7 @@ import triton.language as tl
 
 from mixq.kernels._triton import (autotune, autotune_configs, check_kernel_device,
                                   check_same_device, fallback_to_reference, interpret_mode,
-                                  m_bucket, op_name)
+                                  m_bucket, op_name, round_up)
 from mixq.validation import check_tensor
 
 __all__ = ["W4A4_BLOCK_K", "prepare_w4a4_weight", "unprepare_w4a4_weight", "w4a4_gemm",
@@ -324,7 +323,7 @@ def _use_asm(t: torch.Tensor) -> bool:
 
 def padded_in_features(in_features: int, block_k: int = W4A4_BLOCK_K) -> int:
     """Kpad: `in_features` rounded up to a multiple of `block_k` (the prepared weight's K)."""
-    return math.ceil(in_features / block_k) * block_k
+    return round_up(in_features, block_k)
 
 
 def _launch(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out, bias,

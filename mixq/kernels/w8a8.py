@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from mixq.kernels._triton import check_same_device
+from mixq.kernels._triton import check_same_device, round_up
 from mixq.validation import check_tensor
 
 __all__ = ["int8_mm", "pad_weight_for_int_mm", "w8a8_matmul"]
 
 _MIN_M_CUDA = 17          # torch._int_mm on CUDA: M must exceed 16
 _ALIGN = 8                # ... and K, N must be multiples of 8
-
-
-def _round_up(v: int, m: int) -> int:
-    return -(-v // m) * m
 
 
 def pad_weight_for_int_mm(w_q: torch.Tensor) -> torch.Tensor:
@@ -36,7 +32,7 @@ def pad_weight_for_int_mm(w_q: torch.Tensor) -> torch.Tensor:
     """
     check_tensor(w_q, "w_q", ndim=2, dtypes=(torch.int8,))
     n, k = w_q.shape
-    n8, k8 = _round_up(n, _ALIGN), _round_up(k, _ALIGN)
+    n8, k8 = round_up(n, _ALIGN), round_up(k, _ALIGN)
     if (n8, k8) == (n, k):
         return w_q.contiguous()
     return torch.nn.functional.pad(w_q, (0, k8 - k, 0, n8 - n))
