@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from mixq.config import KVCacheSpec, QuantConfig, QuantSpec
+from mixq.config import AttentionQuantConfig, KVCacheSpec, QuantConfig, QuantSpec
 
 __version__ = "0.1.0"
 
@@ -25,16 +25,18 @@ _LAZY = {
     "save_quantized": "mixq.io",
     "load_quantized": "mixq.io",
     "perplexity": "mixq.eval",
-    "load_model": "mixq.llm",
-    "AttentionQuantConfig": "mixq.attention",
-    "enable_quantized_attention": "mixq.attention",
-    "disable_quantized_attention": "mixq.attention",
-    "KV4Cache": "mixq.kv_cache",
-    "fuse_norm_quant": "mixq.norm",
+    "load_model": "mixq.io",
+    "enable_quantized_attention": "mixq.hf.attention",
+    "disable_quantized_attention": "mixq.hf.attention",
+    "KV4Cache": "mixq.hf.kv_cache",
+    "fuse_norm_quant": "mixq.hf.norm_fusion",
     "make_cache": "mixq.api",
+    "PRESETS": "mixq.presets",
+    "preset": "mixq.presets",
 }
 
-__all__ = ["QuantSpec", "QuantConfig", "KVCacheSpec", "__version__", *_LAZY]
+__all__ = ["QuantSpec", "QuantConfig", "KVCacheSpec", "AttentionQuantConfig", "__version__",
+           *_LAZY]
 
 
 def __getattr__(name: str):

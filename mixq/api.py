@@ -16,8 +16,8 @@ left alone (lm_head only with ``quantize_lm_head``), so ``model.generate()`` kee
 
 Full architecture (`apply_full_architecture`, after every linear is swapped; calibration runs
 with the float attention): ``config.attention`` switches the model to quantized attention
-(`mixq.attention.enable_quantized_attention`), ``config.fuse_norm`` fuses the pre-norms with
-the activation quantization of their W4A4 consumers (`mixq.norm.fuse_norm_quant`), and
+(`mixq.hf.attention.enable_quantized_attention`), ``config.fuse_norm`` fuses the pre-norms with
+the activation quantization of their W4A4 consumers (`mixq.hf.norm_fusion.fuse_norm_quant`), and
 ``config.kv_cache`` is what `make_cache` builds for ``generate(past_key_values=...)``.
 `mixq.io.load_quantized` calls `apply_full_architecture` again (hooks are not saved).
 
@@ -40,13 +40,15 @@ from tqdm.auto import tqdm
 from mixq import outliers as _outliers
 from mixq import quant
 from mixq.calibrate import LinearStats, calibrate_layerwise
-from mixq.config import QuantConfig, QuantSpec
-from mixq.models import LinearGroup, get_adapter, linear_kind
-from mixq.nn import FP16Linear, QuantLinearBase, W4A4Linear, W4A16Linear, W8A8Linear
+from mixq.config import FLOAT_MODES, QuantConfig, QuantSpec
+from mixq.hf.models import LinearGroup, get_adapter, linear_kind
+from mixq.hf.attention import enable_quantized_attention
+from mixq.hf.kv_cache import KV4Cache
+from mixq.hf.norm_fusion import fuse_norm_quant
+from mixq.nn import QuantLinearBase, RotatedInputLinear, quantize_linear
 
-__all__ = ["quantize", "choose_outliers", "weight_spec_for", "regular_weight",
-           "build_quantized_linear", "is_quantized", "RotatedInputLinear", "CONFIG_ATTR",
-           "FUSED_NORMS_ATTR", "apply_full_architecture", "make_cache"]
+__all__ = ["quantize", "choose_outliers", "weight_spec_for", "regular_weight", "is_quantized",
+           "CONFIG_ATTR", "FUSED_NORMS_ATTR", "apply_full_architecture", "make_cache"]
 
 #: Attribute set on a quantized model: its `QuantConfig` (read by `mixq.io.save_quantized`).
 CONFIG_ATTR = "mixq_config"
@@ -110,105 +112,12 @@ def regular_weight(linear: nn.Linear, outlier_idx: torch.Tensor,
     return w_reg, perm
 
 
-def _set_int4_weight(module: W4A4Linear | W4A16Linear, qt: quant.QTensor, name: str) -> None:
-    """Replace the RTN codes of a freshly built int4 module by a method's QTensor (same layout).
-
-    Local adapter until `mixq.nn` offers ``from_quantized`` (see the lead's report)."""
-    if not isinstance(qt, quant.QTensor):
-        raise TypeError(f"qweights[{name!r}] must be a mixq.quant.QTensor, got {type(qt).__name__}")
-    if qt.spec != module.weight_spec:
-        raise ValueError(f"qweights[{name!r}] uses {qt.spec.describe()} but the linear is "
-                         f"quantized with {module.weight_spec.describe()}")
-    n, kp = module.out_features, module.k_padded
-    rows = qt.q.shape[0]
-    tr = qt.spec.tile[0]
-    pad_rows = math.ceil(n / tr) * tr if qt.spec.granularity == "tile" else n
-    if qt.q.shape[1] != kp or rows not in (n, pad_rows):
-        raise ValueError(f"qweights[{name!r}].q must have the regular_weight() layout "
-                         f"({n} or {pad_rows}, {kp}), got {tuple(qt.q.shape)}")
-    if tuple(qt.scale.shape) != tuple(module.w_scale.shape):
-        raise ValueError(f"qweights[{name!r}].scale must have shape {tuple(module.w_scale.shape)}, "
-                         f"got {tuple(qt.scale.shape)}")
-    if (qt.zero is None) != (module.w_zero is None):
-        raise ValueError(f"qweights[{name!r}]: zero point presence does not match the spec")
-    module.set_int4_codes(qt.q[:n], qt.scale, qt.zero)
-
-
-def build_quantized_linear(linear: nn.Linear, config: QuantConfig, *, spec: QuantSpec | None,
-                           outlier_idx: torch.Tensor | None = None, act_bits: int | None = None,
-                           qweight: quant.QTensor | None = None,
-                           name: str = "linear") -> QuantLinearBase:
-    """The quantized module that replaces `linear` (weight (N, K)).
-
-    * mode "fp16": `FP16Linear`.
-    * mode "w8a8" or an 8-bit `spec`: `W8A8Linear` (int8 per-token activations; `outlier_idx`
-      is ignored: int8 needs no FP16 channels).
-    * otherwise int4 weights with `spec`: `act_bits` None -> `W4A16Linear` (weight-only;
-      `outlier_idx` must be empty), else `W4A4Linear` (per-token `act_bits` activations and
-      the FP16 `outlier_idx` channels).
-
-    Args:
-        linear: the float nn.Linear.
-        config: the QuantConfig (its mode).
-        spec: weight QuantSpec (None only in mode fp16).
-        outlier_idx: int64 (k,) FP16 input channels, or None.
-        act_bits: per-token activation bits 2..8, or None (weight-only).
-        qweight: a method's QTensor replacing the RTN codes of an int4 module; layout of
-            `regular_weight` (the `mixq.methods.base` qweights convention).
-        name: qualified name, for error messages.
-    """
-    mode = config.mode
-    if mode == "fp16":
-        return FP16Linear.from_linear(linear, dtype=torch.float16)
-    n_out = 0 if outlier_idx is None else int(outlier_idx.numel())
-    if mode == "w8a8" or spec.bits == 8:   # int8 has no FP16 outlier path: outliers dropped
-        if qweight is not None:
-            raise ValueError(f"{name}: W8A8 takes no method-quantized (int4) weights")
-        return W8A8Linear.from_linear(linear, weight_spec=spec)
-    if act_bits is None:
-        if n_out:
-            raise ValueError(f"{name}: weight-only W4A16 has no FP16 outlier channels "
-                             f"(got {n_out})")
-        module = W4A16Linear.from_linear(linear, weight_spec=spec)
-    else:
-        module = W4A4Linear.from_linear(linear, weight_spec=spec, act_bits=act_bits,
-                                        outlier_idx=outlier_idx)
-    if qweight is not None:
-        _set_int4_weight(module, qweight, name)
-    return module
-
-
 def is_quantized(module: nn.Module) -> bool:
     """True for mixq's quantized linear modules."""
     return isinstance(module, QuantLinearBase)
 
 
 # ------------------------------------------------------------------------------- per layer
-class RotatedInputLinear(nn.Module):
-    """``y = inner(x @ Q)``: a linear whose input gets an online orthogonal transform first.
-
-    For methods that rotate a linear's weight (``W <- W Q``, `mixq.methods.rotation`) where the
-    rotation of the input cannot be folded into the previous op. Buffers: ``rotation`` fp32
-    (K, K). The product is computed in fp32; `inner` (a quantized module or nn.Linear) gets fp32
-    input and the result is cast back to x.dtype.
-    """
-
-    def __init__(self, inner: nn.Module, rotation: torch.Tensor) -> None:
-        super().__init__()
-        k = int(inner.in_features)
-        if tuple(rotation.shape) != (k, k):
-            raise ValueError(f"rotation must be ({k}, {k}) for in_features={k}, "
-                             f"got {tuple(rotation.shape)}")
-        self.in_features, self.out_features = k, int(inner.out_features)
-        self.inner = inner
-        self.register_buffer("rotation", rotation.detach().float().contiguous())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) float -> (..., N) in x.dtype."""
-        y = self.inner(x.float() @ self.rotation.to(x.device))
-        return y.to(x.dtype)
-
-
 def _make_context(**fields):
     """A `mixq.methods.base.LayerContext` from the fields it declares (extra ones dropped)."""
     try:
@@ -290,9 +199,9 @@ class _LayerQuantizer:
                 qname, lin = targets[name]
                 spec = w_specs.get(name, cfg.w)
                 idx = outlier_idx.get(name)
-                module = build_quantized_linear(lin, cfg, spec=spec, outlier_idx=idx,
-                                                act_bits=a_bits.get(name, default_bits),
-                                                qweight=qweights.get(name), name=qname)
+                module = quantize_linear(lin, cfg.mode, weight_spec=spec, outlier_idx=idx,
+                                         act_bits=a_bits.get(name, default_bits),
+                                         qweight=qweights.get(name), name=qname)
                 if name in input_transforms:
                     module = RotatedInputLinear(module, input_transforms[name])
                 layer.set_submodule(name, module)
@@ -301,7 +210,8 @@ class _LayerQuantizer:
                     "n_outliers": int(getattr(module, "n_outliers", 0)
                                       or getattr(getattr(module, "inner", None), "n_outliers", 0)),
                     "weight": None if spec is None else spec.describe(),
-                    "act_bits": a_bits.get(name, default_bits) if cfg.mode != "fp16" else None,
+                    "act_bits": (a_bits.get(name, default_bits) if cfg.mode not in FLOAT_MODES
+                                 else None),
                     "method_weights": name in qweights}
 
 
@@ -320,7 +230,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     """Quantize the linears of a Hugging Face causal LM in place and return it.
 
     Args:
-        model: a supported causal LM (`mixq.models.SUPPORTED_MODEL_TYPES`), float weights.
+        model: a supported causal LM (`mixq.hf.models.SUPPORTED_MODEL_TYPES`), float weights.
         config: a `QuantConfig`.
         calib_data: int64 token ids (n, T) (e.g. `mixq.calibrate.calibration_batches`), or a
             sequence of such tensors. Required when outliers come from calibration
@@ -393,9 +303,9 @@ def _check_full_architecture(model: nn.Module, config: QuantConfig) -> None:
 def apply_full_architecture(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Switch on the parts of `config` beyond the linears, in place; returns `model`.
 
-    * ``config.attention``: `mixq.attention.enable_quantized_attention` (attention function
+    * ``config.attention``: `mixq.hf.attention.enable_quantized_attention` (attention function
       "mixq", per-module config and cache hooks).
-    * ``config.fuse_norm``: `mixq.norm.fuse_norm_quant` (non-strict); its report goes to
+    * ``config.fuse_norm``: `mixq.hf.norm_fusion.fuse_norm_quant` (non-strict); its report goes to
       ``model.mixq_fused_norms``. A warning is issued when no norm could be fused.
 
     Called by `quantize` (after the linears are swapped) and `mixq.io.load_quantized`; neither
@@ -409,10 +319,8 @@ def apply_full_architecture(model: nn.Module, config: QuantConfig) -> nn.Module:
         raise TypeError(f"config must be a mixq.QuantConfig, got {type(config).__name__}")
     _check_full_architecture(model, config)
     if config.attention is not None:
-        from mixq.attention import enable_quantized_attention
         enable_quantized_attention(model, config.attention)
     if config.fuse_norm:
-        from mixq.norm import fuse_norm_quant
         report = dict(getattr(model, FUSED_NORMS_ATTR, None) or {})
         for name, what in fuse_norm_quant(model).items():   # a second call keeps the first report
             if name not in report or what != "skipped: already fused":
@@ -425,15 +333,18 @@ def apply_full_architecture(model: nn.Module, config: QuantConfig) -> nn.Module:
     return model
 
 
-def make_cache(model: nn.Module, *, check_finite: bool = True):
+def make_cache(model: nn.Module, *, check_finite: bool = True, dequantized_reads: bool = False):
     """The KV cache ``config.kv_cache`` asks for, for ``model.generate(past_key_values=...)``.
 
     Args:
         model: a model quantized by `quantize` (or loaded by `mixq.io.load_quantized`).
         check_finite: reject NaN/Inf keys/values on every update (a device sync per layer and
             step; pass False for fast GPU decoding).
+        dequantized_reads: attention reads the cache's dequantized K/V also for the tokens of
+            the current call (accuracy measurement of a full-sequence forward; see
+            `mixq.hf.kv_cache`).
     Returns:
-        a fresh `mixq.kv_cache.KV4Cache` (``model.config``, ``bits`` and ``group_size`` of
+        a fresh `mixq.hf.kv_cache.KV4Cache` (``model.config``, ``bits`` and ``group_size`` of
         ``model.mixq_config.kv_cache``), or None when the config has no ``kv_cache`` (then
         ``generate`` uses its default float cache). Use one cache per generate() call.
     Raises:
@@ -445,11 +356,13 @@ def make_cache(model: nn.Module, *, check_finite: bool = True):
                          "(or load it with mixq.load_quantized) first")
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
+    if not isinstance(dequantized_reads, bool):
+        raise TypeError(f"dequantized_reads must be a bool, got {dequantized_reads!r}")
     if config.kv_cache is None:
         return None
-    from mixq.kv_cache import KV4Cache
     return KV4Cache(model.config, bits=config.kv_cache.bits,
-                    group_size=config.kv_cache.group_size, check_finite=check_finite)
+                    group_size=config.kv_cache.group_size, check_finite=check_finite,
+                    dequantized_reads=dequantized_reads)
 
 
 def _quantize_lm_head(model: nn.Module, adapter, config: QuantConfig, report: dict) -> None:
@@ -459,8 +372,8 @@ def _quantize_lm_head(model: nn.Module, adapter, config: QuantConfig, report: di
     if not isinstance(head, nn.Linear):
         raise ValueError(f"quantize_lm_head: lm_head is {type(head).__name__}, not nn.Linear")
     spec = weight_spec_for("lm_head", config)
-    module = build_quantized_linear(head, config, spec=spec, outlier_idx=None, name="lm_head",
-                                    act_bits=None if config.a is None else config.a.bits)
+    module = quantize_linear(head, config.mode, weight_spec=spec, outlier_idx=None,
+                             name="lm_head", act_bits=None if config.a is None else config.a.bits)
     model.lm_head = module
     if getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False   # the head is no longer the embedding matrix

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mixq.data import find_data, network_available
-from mixq.models import LinearGroup, get_adapter
+from mixq.hf.models import LinearGroup, get_adapter
 from mixq.validation import FLOAT_DTYPES, check_tensor
 
 __all__ = ["LinearStats", "LayerStats", "StatsAccumulator", "calibration_batches",
@@ -253,7 +253,7 @@ def capture_layer_inputs(model: nn.Module, batches: Sequence[torch.Tensor] | tor
     """Run the model up to decoder layer 0 and return its call arguments per chunk of rows.
 
     Args:
-        model: a Hugging Face causal LM supported by `mixq.models.get_adapter`.
+        model: a Hugging Face causal LM supported by `mixq.hf.models.get_adapter`.
         batches: int64 token ids (n, T), or a sequence of (T,) / (b, T) tensors.
         batch_size: rows per forward call.
         device: where the embeddings run and the captured tensors live (default: the model's).

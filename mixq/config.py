@@ -3,11 +3,11 @@
 `QuantSpec` describes one uniform quantizer (bits, symmetric or not, granularity). Every
 quantizer in mixq -- the fake-quant reference, the Triton kernels, the PTQ methods -- takes a
 `QuantSpec`, so a spec means the same grid everywhere. `QuantConfig` says how a whole model is
-quantized (linears, plus the full-architecture parts: quantized attention, `KVCacheSpec` of the
-KV cache, fused norms).
+quantized (linears, plus the full-architecture parts: `AttentionQuantConfig` of the quantized
+attention, `KVCacheSpec` of the KV cache, fused norms). `QuantConfig` is the one config of a
+model; `mixq.presets` names the ones the project measures.
 
-This module imports neither torch nor transformers (``import mixq`` stays light):
-`mixq.attention.AttentionQuantConfig` is imported only when a config holds or decodes one.
+This module imports neither torch nor transformers (``import mixq`` stays light).
 """
 from __future__ import annotations
 
@@ -15,10 +15,7 @@ import dataclasses as _dc
 import importlib as _importlib
 from dataclasses import dataclass
 from typing import Any as _Any
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:   # runtime import is lazy: mixq.attention imports torch
-    from mixq.attention import AttentionQuantConfig
+from typing import Literal
 
 Granularity = Literal["tensor", "row", "group", "tile"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "row", "group", "tile")
@@ -86,7 +83,7 @@ def _check_int(name: str, v: _Any) -> None:
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """How `mixq.api.make_cache` builds the KV cache of a quantized model (`mixq.kv_cache.KV4Cache`).
+    """How `mixq.api.make_cache` builds the KV cache of a quantized model (`mixq.hf.kv_cache.KV4Cache`).
 
     Args:
         bits: 4 (codes packed two per byte) or 8. Keys: symmetric per channel over groups of
@@ -125,10 +122,63 @@ class KVCacheSpec:
             raise ValueError(f"KVCacheSpec.from_dict: {e}") from None
 
 
-def _attention_config_class() -> type:
-    """`mixq.attention.AttentionQuantConfig`, imported on first use (it pulls in torch)."""
-    from mixq.attention import AttentionQuantConfig
-    return AttentionQuantConfig
+# ---------------------------------------------------------------------------------------------
+# AttentionQuantConfig: bit widths of the quantized attention
+# ---------------------------------------------------------------------------------------------
+
+_QKV_BITS = (4, 8, None)
+_P_BITS = (4, 8, None)
+
+
+def _check_bits(name: str, value, allowed) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AttentionQuantConfig:
+    """Bit widths of the quantized attention (the math: `mixq.reference.attention`).
+
+    Args:
+        q_bits / k_bits / v_bits: 4 or 8 (symmetric, one fp16 scale per (b, head, token) row of
+            D), or None to keep the tensor in float. With a `mixq.hf.kv_cache.KV4Cache` the
+            cache's own quantization replaces k_bits / v_bits for the cached (decode) tokens.
+        p_bits: 8 (default, unsigned codes 0..255) or 4 (0..15) for the probabilities, or None
+            to keep them in fp32.
+        use_kernels: None = Triton kernels on CUDA tensors, the reference elsewhere; True =
+            always the kernels (CPU only under TRITON_INTERPRET=1); False = always the reference.
+    """
+
+    q_bits: int | None = 8
+    k_bits: int | None = 8
+    v_bits: int | None = 8
+    p_bits: int | None = 8
+    use_kernels: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("q_bits", "k_bits", "v_bits"):
+            _check_bits(f"AttentionQuantConfig.{name}", getattr(self, name), _QKV_BITS)
+        _check_bits("AttentionQuantConfig.p_bits", self.p_bits, _P_BITS)
+        if self.use_kernels not in (None, True, False):
+            raise TypeError(f"AttentionQuantConfig.use_kernels must be None, True or False, "
+                            f"got {self.use_kernels!r}")
+
+    @property
+    def int_qk(self) -> bool:
+        """True when S is computed on integer codes (both Q and K quantized)."""
+        return self.q_bits is not None and self.k_bits is not None
+
+    def kernels_for(self, t) -> bool:
+        """Whether the Triton kernels run for an operand `t` (a torch.Tensor) under this config."""
+        if self.use_kernels is None:
+            return t.device.type == "cuda"
+        return self.use_kernels
+
+
+FLOAT_ATTENTION = AttentionQuantConfig(None, None, None, None)
+"""No rounding anywhere: fp32 softmax attention (equals HF eager for fp32 models)."""
 
 
 def _attention_to_dict(cfg: _Any) -> "dict | None":
@@ -141,7 +191,7 @@ def _attention_from_dict(d: "dict | None") -> _Any:
     if not isinstance(d, dict):
         raise ValueError(f"QuantConfig.attention must be a dict of AttentionQuantConfig fields "
                          f"or null, got {d!r}")
-    cls = _attention_config_class()
+    cls = AttentionQuantConfig
     known = {f.name for f in _dc.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -156,23 +206,41 @@ def _attention_from_dict(d: "dict | None") -> _Any:
 # QuantConfig: how a whole model is quantized (mixq.quantize)
 # ---------------------------------------------------------------------------------------------
 
-MODES: tuple[str, ...] = ("w4a4", "w4a16", "w8a8", "fp16")
+MODES: tuple[str, ...] = ("w4a4", "w4a16", "w8a8", "fp16", "bf16")
+"""What a quantized linear computes: int4 x int4 (+ FP16 outliers), weight-only int4, int8 x
+int8, or a half-precision baseline (the linears cast to fp16 / bf16)."""
+FLOAT_MODES: tuple[str, ...] = ("fp16", "bf16")
 OUTLIER_STRATEGIES: tuple[str, ...] = ("calib_max", "max", "mean3std", "argmax")
-#: Short names of the linear kinds, Llama family then OPT (see `mixq.models`).
-LLAMA_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
-OPT_TARGETS: tuple[str, ...] = ("q", "k", "v", "out", "fc1", "fc2")
-ALL_TARGETS: tuple[str, ...] = LLAMA_TARGETS + ("out", "fc1", "fc2")
+#: The linear kinds of a decoder layer (`mixq.hf.models.linear_kind`): what `QuantConfig.targets`
+#: names. OPT's out_proj, fc1 and fc2 are the kinds o, up and down.
+TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+#: OPT's names of its kinds, accepted in `QuantConfig.targets` (and in configs saved before
+#: the kinds had one vocabulary).
+TARGET_ALIASES: dict[str, str] = {"out": "o", "fc1": "up", "fc2": "down"}
 _AUTO = "auto"
 
 
-def _default_specs(mode: str) -> tuple["QuantSpec | None", "QuantSpec | None"]:
-    """(weight spec, activation spec) used when `QuantConfig.w` / `.a` are left at "auto"."""
+def default_specs(mode: str) -> tuple["QuantSpec | None", "QuantSpec | None"]:
+    """(weight spec, activation spec) of a mode: what `QuantConfig` uses for w / a left at
+    "auto" and what `mixq.nn.quantize_linear` uses when given none.
+
+    w4a4: int4 symmetric groups of 128 + int4 per token; w4a16: int4 g128, float activations;
+    w8a8: int8 per output channel + int8 per token; fp16 / bf16: (None, None).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return {
         "w4a4": (QuantSpec(4, True, "group", 128), QuantSpec(4, True, "row")),
         "w4a16": (QuantSpec(4, True, "group", 128), None),
         "w8a8": (QuantSpec(8, True, "row"), QuantSpec(8, True, "row")),
-        "fp16": (None, None),
-    }[mode]
+    }.get(mode, (None, None))
+
+
+def check_mode(mode) -> str:
+    """`mode` lower-cased, or ValueError naming `MODES`."""
+    if not isinstance(mode, str) or mode.lower() not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode.lower()
 
 
 def _spec_to_dict(spec: "QuantSpec | None") -> "dict | None":
@@ -259,22 +327,23 @@ class QuantConfig:
             "mean3std", "argmax" (`mixq.outliers.salient_weight_channels`, no data needed).
         methods: method configs from `mixq.methods` (frozen dataclasses with ``apply(ctx)``),
             applied in order on every decoder layer before the weights are quantized.
-        targets: linear kinds to quantize, a subset of `ALL_TARGETS` (Llama q, k, v, o, gate,
-            up, down; OPT q, k, v, out, fc1, fc2). Default: all.
+        targets: linear kinds to quantize, a subset of `TARGETS` (q, k, v, o, gate, up, down;
+            OPT's out_proj / fc1 / fc2 are o / up / down, and the names "out", "fc1", "fc2"
+            are accepted for them). Default: all.
         skip: fnmatch patterns of qualified module names left in float, e.g.
             ``("model.layers.0.*", "*.down_proj")``.
         layer_overrides: {fnmatch pattern of qualified name: weight QuantSpec}, first match wins
             (layer-wise mixed precision). In w4a4/w4a16 an override with bits <= 4 changes the
             weight grid; bits == 8 (symmetric, "row") turns that linear into W8A8.
         quantize_lm_head: also quantize lm_head (with `w`, weight-only int4 / the mode's module).
-        attention: a `mixq.attention.AttentionQuantConfig` (bits of Q, K, V and the softmax
+        attention: an `AttentionQuantConfig` (bits of Q, K, V and the softmax
             probabilities P) or None (default: the model's float attention). `mixq.quantize`
             and `mixq.load_quantized` switch the model to it (`enable_quantized_attention`).
         kv_cache: a `KVCacheSpec` or None: the cache `mixq.api.make_cache(model)` returns for
-            ``generate(past_key_values=...)`` (a `mixq.kv_cache.KV4Cache`; None -> no cache
+            ``generate(past_key_values=...)`` (a `mixq.hf.kv_cache.KV4Cache`; None -> no cache
             object, HF's float default). Independent of `attention`.
         fuse_norm: fuse each pre-norm with the int4 activation quantization of the W4A4 linears
-            that read it (`mixq.norm.fuse_norm_quant`, after the linears are swapped). Needs mode
+            that read it (`mixq.hf.norm_fusion.fuse_norm_quant`, after the linears are swapped). Needs mode
             "w4a4" with 4-bit activations and "row"/"group" weights (the W4A4 kernel path); a
             norm whose consumers cannot share one payload is skipped (see
             ``model.mixq_fused_norms``). Changes speed on CUDA, never the outputs.
@@ -286,11 +355,11 @@ class QuantConfig:
     outlier_frac: float = 0.0
     outlier_strategy: str = "calib_max"
     methods: tuple = ()
-    targets: tuple[str, ...] = ALL_TARGETS
+    targets: tuple[str, ...] = TARGETS
     skip: tuple[str, ...] = ()
     layer_overrides: dict = _dc.field(default_factory=dict)
     quantize_lm_head: bool = False
-    attention: "AttentionQuantConfig | None" = None
+    attention: AttentionQuantConfig | None = None
     kv_cache: "KVCacheSpec | None" = None
     fuse_norm: bool = False
 
@@ -299,7 +368,7 @@ class QuantConfig:
         if not isinstance(self.mode, str) or self.mode.lower() not in MODES:
             raise ValueError(f"QuantConfig.mode must be one of {MODES}, got {self.mode!r}")
         set_("mode", self.mode.lower())
-        w_def, a_def = _default_specs(self.mode)
+        w_def, a_def = default_specs(self.mode)
         if isinstance(self.w, str) and self.w == _AUTO:
             set_("w", w_def)
         if isinstance(self.a, str) and self.a == _AUTO:
@@ -328,10 +397,12 @@ class QuantConfig:
                     not all(isinstance(t, str) for t in v):
                 raise TypeError(f"QuantConfig.{name} must be a tuple of str, got {v!r}")
             set_(name, tuple(v))
-        bad = [t for t in self.targets if t not in ALL_TARGETS]
+        bad = [t for t in self.targets if t not in TARGETS and t not in TARGET_ALIASES]
         if bad or not self.targets:
-            raise ValueError(f"QuantConfig.targets must be a non-empty subset of {ALL_TARGETS}, "
+            raise ValueError(f"QuantConfig.targets must be a non-empty subset of {TARGETS} "
+                             f"(OPT names {sorted(TARGET_ALIASES)} also accepted), "
                              f"got {self.targets!r}")
+        set_("targets", tuple(dict.fromkeys(TARGET_ALIASES.get(t, t) for t in self.targets)))
         if not isinstance(self.layer_overrides, dict):
             raise TypeError(f"QuantConfig.layer_overrides must be a dict {{pattern: QuantSpec}}, "
                             f"got {type(self.layer_overrides).__name__}")
@@ -353,9 +424,9 @@ class QuantConfig:
             if s is not None and not isinstance(s, QuantSpec):
                 raise TypeError(f"QuantConfig.{name} must be a QuantSpec, None or 'auto', "
                                 f"got {s!r}")
-        if mode == "fp16":
+        if mode in FLOAT_MODES:
             if w is not None or a is not None:
-                raise ValueError("QuantConfig mode 'fp16' quantizes nothing: leave w and a at "
+                raise ValueError(f"QuantConfig mode {mode!r} quantizes nothing: leave w and a at "
                                  f"'auto' or None, got w={w!r}, a={a!r}")
             return
         if w is None:
@@ -384,8 +455,8 @@ class QuantConfig:
     def _check_full_architecture(self) -> None:
         """attention / kv_cache / fuse_norm: types, and what fusing norms needs."""
         if self.attention is not None and \
-                not isinstance(self.attention, _attention_config_class()):
-            raise TypeError(f"QuantConfig.attention must be a mixq.attention.AttentionQuantConfig "
+                not isinstance(self.attention, AttentionQuantConfig):
+            raise TypeError(f"QuantConfig.attention must be a mixq.AttentionQuantConfig "
                             f"or None, got {type(self.attention).__name__}")
         if self.kv_cache is not None and not isinstance(self.kv_cache, KVCacheSpec):
             raise TypeError(f"QuantConfig.kv_cache must be a mixq.config.KVCacheSpec or None "
@@ -403,7 +474,7 @@ class QuantConfig:
                                  f"w={self.w.describe()}, a={self.a.describe()}")
 
     def _check_override(self, pat: str, spec: QuantSpec) -> None:
-        if self.mode in ("fp16", "w8a8"):
+        if self.mode in (*FLOAT_MODES, "w8a8"):
             raise ValueError(f"QuantConfig.layer_overrides are for w4a4/w4a16, "
                              f"got mode {self.mode!r}")
         if spec.bits == 8:

@@ -12,6 +12,7 @@ says a hub can be reached; tests never download.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from pathlib import Path
@@ -75,6 +76,15 @@ def network_available(host: str = "huggingface.co", port: int = 443, timeout: fl
             return True
     except OSError:
         return False
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file (integrity of downloads and saved checkpoints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def smoke_mode() -> bool:

@@ -29,7 +29,6 @@ config mismatch, missing/unexpected tensor or wrong shape raises ValueError.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -39,10 +38,13 @@ from torch import nn
 
 from mixq import nn as qnn
 from mixq import quant
-from mixq.api import CONFIG_ATTR, RotatedInputLinear, apply_full_architecture
+from mixq.api import CONFIG_ATTR, apply_full_architecture
 from mixq.config import QuantConfig, QuantSpec, _spec_from_dict, _spec_to_dict
+from mixq.data import sha256_file
+from mixq.hf.loading import is_mixq_checkpoint, load_hf_model
+from mixq.nn import RotatedInputLinear
 
-__all__ = ["save_quantized", "load_quantized", "WEIGHTS_NAME", "CONFIG_NAME", "sha256_file"]
+__all__ = ["save_quantized", "load_quantized", "load_model", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "quant_config.json"
@@ -52,15 +54,6 @@ _CLASSES = {c.__name__: c for c in (qnn.FP16Linear, qnn.W8A8Linear, qnn.W4A16Lin
 #: Model config fields that must agree between the saved model and `model_factory`'s model.
 _KEY_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
                "intermediate_size", "ffn_dim", "num_attention_heads", "num_key_value_heads")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _version() -> str:
@@ -295,7 +288,7 @@ def load_quantized(directory: str | os.PathLike, *, model_factory=None,
             key = f"{name}.{buf}"
             if buf in qnn.DERIVED_BUFFERS:            # a cache listed by an older save
                 tensors.pop(key, None)
-            elif buf == "w_q" and isinstance(m, qnn._Int4WeightMixin):
+            elif buf == "w_q" and isinstance(m, (qnn.W4A4Linear, qnn.W4A16Linear)):
                 _check_legacy_w_q(path, name, m, tensors)
             elif not present:
                 m.register_buffer(buf, None)
@@ -329,3 +322,30 @@ def load_quantized(directory: str | os.PathLike, *, model_factory=None,
     model.eval()
     apply_full_architecture(model, qconfig)
     return model
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` by short name ("smollm2", "stories260k"), HF id/path, or a
+    directory written by `save_quantized`.
+
+    Args:
+        name_or_path: a mixq checkpoint directory (loaded with `load_quantized`; its dtypes are
+            restored as saved, `dtype` is ignored), or anything `mixq.hf.loading.load_hf_model`
+            takes.
+        dtype: float dtype of a float model.
+        device: where the model goes.
+    Returns:
+        (model in eval mode, tokenizer). A checkpoint without tokenizer files gives tokenizer
+        None.
+    """
+    if not is_mixq_checkpoint(name_or_path):
+        return load_hf_model(name_or_path, dtype=dtype, device=device)
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path)
+    model = load_quantized(path, device=device)
+    tok = None
+    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        tok = AutoTokenizer.from_pretrained(path)
+    return model, tok

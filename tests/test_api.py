@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from mixq import outliers, quant, reference
-from mixq.api import RotatedInputLinear, build_quantized_linear, quantize, regular_weight
-from mixq.config import ALL_TARGETS, QuantConfig, QuantSpec
-from mixq.nn import FP16Linear, W4A4Linear, W4A16Linear, W8A8Linear
+from mixq.api import quantize, regular_weight
+from mixq.config import TARGETS, QuantConfig, QuantSpec
+from mixq.nn import (FP16Linear, RotatedInputLinear, W4A4Linear, W4A16Linear, W8A8Linear,
+                     quantize_linear)
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,7 +27,7 @@ def _rel(a, b):
 def test_config_defaults_per_mode():
     c = QuantConfig()
     assert c.mode == "w4a4" and c.w == QuantSpec(4, True, "group", 128)
-    assert c.a == QuantSpec(4, True, "row") and c.targets == ALL_TARGETS
+    assert c.a == QuantSpec(4, True, "row") and c.targets == TARGETS
     assert QuantConfig(mode="w4a16").a is None
     assert QuantConfig(mode="W8A8").w == QuantSpec(8, True, "row")
     assert QuantConfig(mode="fp16").w is None
@@ -232,17 +233,17 @@ def test_errors(llama):
         quantize(transformers.GPT2LMHeadModel(cfg), QuantConfig())
 
 
-def test_build_quantized_linear_qweight(seed):
+def test_quantize_linear_qweight(seed):
     lin = nn.Linear(70, 9)
     cfg = QuantConfig(w=QuantSpec(4, True, "group", 32))
     idx = torch.tensor([3, 50])
     w_reg, _perm = regular_weight(lin, idx, cfg.w)
     assert w_reg.shape == (9, 96)
     qt = quant.quantize(w_reg * 0.5, cfg.w)           # a "method" result on the same layout
-    m = build_quantized_linear(lin, cfg, spec=cfg.w, outlier_idx=idx, act_bits=4, qweight=qt)
+    m = quantize_linear(lin, "w4a4", weight_spec=cfg.w, outlier_idx=idx, act_bits=4, qweight=qt)
     assert torch.equal(m.w_q, qt.q) and torch.equal(m.w_packed, quant.pack_int4(qt.q))
     with pytest.raises(ValueError, match="layout"):
-        build_quantized_linear(lin, cfg, spec=cfg.w, outlier_idx=torch.arange(40), act_bits=4,
-                               qweight=qt)     # 30 int4 columns -> Kp = 32, not 96
+        quantize_linear(lin, "w4a4", weight_spec=cfg.w, outlier_idx=torch.arange(40),
+                        act_bits=4, qweight=qt)     # 30 int4 columns -> Kp = 32, not 96
     with pytest.raises(ValueError, match="W4A16"):
-        build_quantized_linear(lin, cfg, spec=cfg.w, outlier_idx=idx, act_bits=None)
+        quantize_linear(lin, "w4a16", weight_spec=cfg.w, outlier_idx=idx)

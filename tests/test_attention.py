@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import mixq.kernels.attention as ka
-from mixq.attention import (FLOAT_ATTENTION, AttentionQuantConfig, attention_scores,
-                            disable_quantized_attention, enable_quantized_attention,
-                            quantize_heads, quantized_attention_reference)
+from mixq.config import FLOAT_ATTENTION, AttentionQuantConfig
+from mixq.reference.attention import attention_scores, quantize_heads, quantized_attention_reference
+from mixq.hf.attention import disable_quantized_attention, enable_quantized_attention
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama.modeling_llama import eager_attention_forward  # noqa: E402

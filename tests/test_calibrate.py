@@ -6,7 +6,7 @@ import torch
 
 from mixq.calibrate import (LayerStats, LinearStats, StatsAccumulator, calibrate_layerwise,
                             calibration_batches, capture_layer_inputs)
-from mixq.models import get_adapter
+from mixq.hf.models import get_adapter
 
 pytest.importorskip("transformers")
 

@@ -94,7 +94,7 @@ def test_weight_bytes(float_llama):
 
 def test_load_model_and_cli(tmp_path, stories_dir):
     from mixq.cli_llm import eval_main, parse_method, quantize_main
-    from mixq.llm import load_model
+    from mixq.io import load_model
 
     model, tok = load_model("stories260k")
     assert model.config.model_type == "llama" and tok is not None

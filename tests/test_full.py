@@ -7,7 +7,7 @@ from mixq.config import QuantConfig
 from mixq.eval import perplexity
 from mixq.full import (STEPS, FullW4A4Config, StoredKV4Cache, float_kv_bytes, kv4_bytes,
                        step_perplexities)
-from mixq.kv_cache import KV4Cache
+from mixq.hf.kv_cache import KV4Cache
 
 PPL = dict(seqlen=64, max_windows=2, progress=False)
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import mixq.kernels.attention as ka
-from mixq.attention import (FLOAT_ATTENTION, AttentionQuantConfig, attention_scores,
-                            prepare_mask, quantized_attention_reference)
+from mixq.config import FLOAT_ATTENTION, AttentionQuantConfig
+from mixq.reference.attention import attention_scores, prepare_mask, quantized_attention_reference
 from mixq.kernels.attention import kv4_decode_attention, quantized_attention
-from mixq.kv_cache import KV4Layer
+from mixq.reference.kv_cache import dequantize_kv, pack_codes, quantize_heads, quantize_keys
 
 NEG = torch.finfo(torch.float32).min
 
@@ -94,31 +94,53 @@ def test_prefill_half_precision_and_bool_mask(device, seed):
                                rtol=0.01)
 
 
-def _layer(k, v, bits, group_size, chunks):
-    layer = KV4Layer(bits=bits, group_size=group_size)
-    start = 0
-    for n in chunks:
-        layer.update(k[:, :, start:start + n], v[:, :, start:start + n])
-        start += n
-    return layer
+def _packed(k, v, bits, group_size):
+    """The packed cache of keys/values (B, Hkv, T, D): whole groups of `group_size` tokens
+    quantized (`mixq.reference.kv_cache`), the rest in the float residual window."""
+    b, h, t, d = k.shape
+    tq = t // group_size * group_size
+    if tq:
+        k_codes, k_scale = quantize_keys(k[:, :, :tq], bits, group_size)
+        v_codes, v_scale = quantize_heads(v[:, :, :tq], bits)
+        k_codes, v_codes = pack_codes(k_codes, bits), pack_codes(v_codes, bits)
+    else:                                   # every token still in the residual window
+        width, code_dtype = (d // 2, torch.uint8) if bits == 4 else (d, torch.int8)
+        k_codes = v_codes = torch.zeros(b, h, 0, width, dtype=code_dtype, device=k.device)
+        k_scale = torch.zeros(b, h, 0, d, dtype=torch.float16, device=k.device)
+        v_scale = torch.zeros(b, h, 0, dtype=torch.float16, device=k.device)
+    return dict(k_codes=k_codes, k_scale=k_scale, v_codes=v_codes, v_scale=v_scale,
+                k_res=k[:, :, tq:].contiguous(), v_res=v[:, :, tq:].contiguous(),
+                bits=bits, group_size=group_size)
+
+
+def _dequantized(cache):
+    return dequantize_kv(*(cache[n] for n in ("k_codes", "k_scale", "v_codes", "v_scale",
+                                              "k_res", "v_res")),
+                         bits=cache["bits"], group_size=cache["group_size"])
+
+
+def _decode(q, cache, mask=None, **kw):
+    return kv4_decode_attention(q, cache["k_codes"], cache["k_scale"], cache["v_codes"],
+                                cache["v_scale"], cache["k_res"], cache["v_res"], mask,
+                                bits=cache["bits"], group_size=cache["group_size"], **kw)
 
 
 DECODE_CASES = [
-    # b, hq, hkv, lq, lk, d, bits, group, chunks, mask, config
-    (1, 4, 2, 1, 37, 16, 4, 16, (36, 1), None, AttentionQuantConfig(8, None, None, 8)),
-    (2, 6, 3, 3, 21, 24, 8, 8, (18, 3), "padding", AttentionQuantConfig(None, None, None, 4)),
-    (1, 3, 3, 1, 10, 64, 4, 32, (9, 1), None, AttentionQuantConfig(4, None, None, None)),
+    # b, hq, hkv, lq, lk, d, bits, group, mask, config
+    (1, 4, 2, 1, 37, 16, 4, 16, None, AttentionQuantConfig(8, None, None, 8)),
+    (2, 6, 3, 3, 21, 24, 8, 8, "padding", AttentionQuantConfig(None, None, None, 4)),
+    (1, 3, 3, 1, 10, 64, 4, 32, None, AttentionQuantConfig(4, None, None, None)),
 ]
 
 
-@pytest.mark.parametrize("b,hq,hkv,lq,lk,d,bits,group,chunks,mask_kind,config", DECODE_CASES)
-def test_decode_matches_reference(b, hq, hkv, lq, lk, d, bits, group, chunks, mask_kind, config,
+@pytest.mark.parametrize("b,hq,hkv,lq,lk,d,bits,group,mask_kind,config", DECODE_CASES)
+def test_decode_matches_reference(b, hq, hkv, lq, lk, d, bits, group, mask_kind, config,
                                   device, seed):
     q, k, v = _qkv(b, hq, hkv, lq, lk, d, device)
-    layer = _layer(k, v, bits, group, chunks)
+    cache = _packed(k, v, bits, group)
     mask = _padding_mask(b, lq, lk, device) if mask_kind == "padding" else None
-    got = kv4_decode_attention(q, layer, mask, scaling=d ** -0.5, config=config)
-    k_full, v_full = layer.dequantize()
+    got = _decode(q, cache, mask, scaling=d ** -0.5, config=config)
+    k_full, v_full = _dequantized(cache)
     ref = quantized_attention_reference(q, k_full, v_full, mask, scaling=d ** -0.5, config=config)
     assert got.shape == (b, lq, hq, d)
     _check_output(got, ref, v_full, config)
@@ -128,27 +150,27 @@ def test_decode_split_k_reduction(monkeypatch, device, seed):
     """Several key splits (the flash-decoding reduction) and a residual window."""
     monkeypatch.setattr(ka, "_SPLIT_TOKENS", 64)
     q, k, v = _qkv(1, 2, 1, 2, 150, 16, device)
-    layer = _layer(k, v, 4, 32, (148, 2))                  # 128 quantized + 22 residual
-    assert layer.packed_state()["k_res"].shape[2] == 22
+    cache = _packed(k, v, 4, 32)                            # 128 quantized + 22 residual
+    assert cache["k_res"].shape[2] == 22
     cfg = AttentionQuantConfig(None, None, None, 8)
-    got = kv4_decode_attention(q, layer, None, scaling=0.25, config=cfg)
-    ref = quantized_attention_reference(q, *layer.dequantize(), None, scaling=0.25, config=cfg)
-    _check_output(got, ref, layer.dequantize()[1], cfg)
+    got = _decode(q, cache, None, scaling=0.25, config=cfg)
+    ref = quantized_attention_reference(q, *_dequantized(cache), None, scaling=0.25, config=cfg)
+    _check_output(got, ref, _dequantized(cache)[1], cfg)
 
 
 def test_torch_compile_traces_the_custom_ops(device, seed):
     q, k, v = _qkv(1, 2, 1, 5, 5, 16, device)
-    layer = _layer(k, v, 4, 2, (5,))
+    cache = _packed(k, v, 4, 2)
     dec = AttentionQuantConfig(8, None, None, 8)
     prefill = torch.compile(lambda a, b, c: quantized_attention(a, b, c, scaling=0.25,
                                                                 check_finite=False),
                             backend="aot_eager", fullgraph=True)
-    decode = torch.compile(lambda a: kv4_decode_attention(a, layer, scaling=0.25, config=dec,
-                                                          check_finite=False),
+    decode = torch.compile(lambda a: _decode(a, cache, scaling=0.25, config=dec,
+                                             check_finite=False),
                            backend="aot_eager", fullgraph=True)
     assert torch.equal(prefill(q, k, v), quantized_attention(q, k, v, scaling=0.25))
     q1 = q[:, :, :1].contiguous()
-    assert torch.equal(decode(q1), kv4_decode_attention(q1, layer, scaling=0.25, config=dec))
+    assert torch.equal(decode(q1), _decode(q1, cache, scaling=0.25, config=dec))
 
 
 def test_bad_inputs(device):
@@ -167,18 +189,24 @@ def test_bad_inputs(device):
         quantized_attention(q, k, v, scaling=-1.0)
     with pytest.raises(TypeError, match="config"):
         quantized_attention(q, k, v, scaling=1.0, config={"q_bits": 8})
-    layer = _layer(k, v, 4, 16, (5,))
+    cache = _packed(k, v, 4, 2)
     with pytest.raises(ValueError, match="k_bits"):
-        kv4_decode_attention(q, layer, scaling=1.0, config=cfg)
+        _decode(q, cache, scaling=1.0, config=cfg)
     dec = dataclasses.replace(cfg, k_bits=None, v_bits=None)
     with pytest.raises(ValueError, match="new tokens"):
-        kv4_decode_attention(torch.randn(1, 2, 17, 16, device=device), layer, scaling=1.0, config=dec)
-    with pytest.raises(TypeError, match="KV4Layer"):
-        kv4_decode_attention(q, (k, v), scaling=1.0, config=dec)
-    with pytest.raises(ValueError, match="empty"):
-        kv4_decode_attention(q, KV4Layer(), scaling=1.0, config=dec)
+        _decode(torch.randn(1, 2, 17, 16, device=device), cache, scaling=1.0, config=dec)
+    with pytest.raises(TypeError, match="k_codes must be a torch.Tensor"):
+        kv4_decode_attention(q, (k, v), *range(5), bits=4, group_size=2, scaling=1.0, config=dec)
+    with pytest.raises(TypeError, match="k_codes.*dtype"):          # int8 codes with bits=4
+        _decode(q, {**cache, "k_codes": cache["k_codes"].to(torch.int8)}, scaling=1.0, config=dec)
+    with pytest.raises(ValueError, match="bits"):
+        _decode(q, {**cache, "bits": 3}, scaling=1.0, config=dec)
+    with pytest.raises(ValueError, match="k_scale must have shape"):      # another group size
+        _decode(q, {**cache, "group_size": 1}, scaling=1.0, config=dec)
+    with pytest.raises(ValueError, match="fewer than"):
+        _decode(q, _packed(k[:, :, :2], v[:, :, :2], 4, 2), scaling=1.0, config=dec)
     with pytest.raises(ValueError, match="does not fit"):
-        kv4_decode_attention(torch.randn(1, 2, 3, 8, device=device), layer, scaling=1.0, config=dec)
+        _decode(torch.randn(1, 2, 3, 8, device=device), cache, scaling=1.0, config=dec)
 
 
 def test_cpu_tensor_rejected_without_interpreter(monkeypatch):

@@ -9,7 +9,7 @@ import torch
 
 import mixq.kernels.norm_quant as nq
 from mixq.kernels.norm_quant import norm_act_quant
-from mixq.norm import norm_act_quant_reference, norm_reference, quantize_normed_reference
+from mixq.reference.norm import norm_act_quant_reference, norm_reference, quantize_normed_reference
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # one ulp-ish of each normed dtype (values are O(1..10))

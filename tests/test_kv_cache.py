@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import mixq.kernels.attention as ka
-from mixq.attention import (FLOAT_ATTENTION, AttentionQuantConfig, disable_quantized_attention,
-                            enable_quantized_attention, quantize_heads)
-from mixq.kv_cache import KV4Cache, KV4Layer
+from mixq.config import FLOAT_ATTENTION, AttentionQuantConfig
+from mixq.hf.attention import disable_quantized_attention, enable_quantized_attention
+from mixq.reference.attention import quantize_heads
+from mixq.hf.kv_cache import KV4Cache, KV4Layer
 from mixq.quant import unpack_int4
 
 transformers = pytest.importorskip("transformers")

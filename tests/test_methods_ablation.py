@@ -12,7 +12,7 @@ LLAMA_KINDS = ["q", "k", "v", "o", "gate", "up", "down"]
 
 @pytest.fixture(scope="module")
 def stories(stories_dir):
-    from mixq.llm import load_model
+    from mixq.io import load_model
     model, tok = load_model("stories260k")
     return model, tok
 

@@ -15,7 +15,7 @@ from mixq.methods.adaround import adaround_quantize, rectified_sigmoid
 from mixq.methods.awq import awq_search, group_spec
 from mixq.methods.awq_dynamic import choose_group_size
 from mixq.methods.base import dequantize_qweight, quantize_weight
-from mixq.methods.synthetic import SimpleConfig, SyntheticLayer, make_context, make_inputs, run_methods
+from synthetic import SimpleConfig, SyntheticLayer, make_context, make_inputs, run_methods
 
 G32 = QuantSpec(4, True, "group", group_size=32)
 A4 = QuantSpec(4, True, "row")

@@ -8,7 +8,7 @@ from torch import nn
 from mixq.config import QuantSpec
 from mixq.methods.base import (LayerContext, check_number, dequantize_qweight, fold_scale, linear_kind,
                                output_error, quantize_weight, quantized_output, regular_weight, tie_scale)
-from mixq.methods.synthetic import SimpleConfig, SyntheticLayer, capture_outputs, make_context, make_inputs
+from synthetic import SimpleConfig, SyntheticLayer, capture_outputs, make_context, make_inputs
 from mixq.nn import W4A4Linear
 
 W4A4 = SimpleConfig(w=QuantSpec(4, True, "group", group_size=32), a=QuantSpec(4, True, "row"))
@@ -41,7 +41,7 @@ def test_fold_scale_keeps_function_with_gqa(seed):
         fold_scale(ctx, g, tie_scale(ctx, g, s))
     torch.testing.assert_close(capture_outputs(ctx.layer, x)["_layer"], ref, rtol=1e-4, atol=1e-4)
     # stats follow the transform: calibration error equals the error on recaptured inputs
-    from mixq.methods.synthetic import capture_inputs
+    from synthetic import capture_inputs
     n = "self_attn.o_proj"
     torch.testing.assert_close(ctx.stats[n].inputs, capture_inputs(ctx.layer, ctx.groups, x)[n],
                                rtol=1e-4, atol=1e-4)

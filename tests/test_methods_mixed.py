@@ -4,7 +4,7 @@ import torch
 
 from mixq.config import QuantSpec
 from mixq.methods import LayerwiseQuant, OutlierChannels
-from mixq.methods.synthetic import SimpleConfig, SyntheticLayer, make_context, make_inputs, run_methods
+from synthetic import SimpleConfig, SyntheticLayer, make_context, make_inputs, run_methods
 
 W4A4 = SimpleConfig(w=QuantSpec(4, True, "group", group_size=32), a=QuantSpec(4, True, "row"))
 

@@ -11,7 +11,7 @@ from mixq.methods import GPTQ, RTN, Clip, OutlierChannels
 from mixq.methods.base import dequantize_qweight, quantize_weight
 from mixq.methods.clip import clip_search
 from mixq.methods.gptq import gptq_quantize
-from mixq.methods.synthetic import SimpleConfig, run_methods
+from synthetic import SimpleConfig, run_methods
 
 G32 = QuantSpec(4, True, "group", group_size=32)
 W4A4 = SimpleConfig(w=G32, a=QuantSpec(4, True, "row"))

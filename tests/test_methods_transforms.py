@@ -11,7 +11,7 @@ import torch
 
 from mixq.config import QuantSpec
 from mixq.methods import AWQ, Rotation, SmoothQuant, hadamard
-from mixq.methods.synthetic import SimpleConfig, run_methods
+from synthetic import SimpleConfig, run_methods
 
 W4A4 = SimpleConfig(w=QuantSpec(4, True, "group", group_size=32), a=QuantSpec(4, True, "row"))
 

@@ -3,8 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from mixq.models import (LinearGroup, LlamaAdapter, OPTAdapter, SUPPORTED_MODEL_TYPES,
-                         get_adapter, linear_kind)
+from mixq.hf.models import (LinearGroup, LlamaAdapter, OPTAdapter, SUPPORTED_MODEL_TYPES, get_adapter, linear_kind)
 
 transformers = pytest.importorskip("transformers")
 
@@ -92,7 +91,7 @@ def test_unknown_family_raises():
 def test_linear_kind():
     assert [linear_kind(n) for n in ("self_attn.q_proj", "mlp.down_proj", "self_attn.out_proj",
                                      "fc1", "fc2", "mlp.gate_proj")] == \
-        ["q", "down", "out", "fc1", "fc2", "gate"]
+        ["q", "down", "o", "up", "down", "gate"]
 
 
 def test_linear_group_in_features():

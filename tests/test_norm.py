@@ -1,11 +1,6 @@
-"""mixq.norm: QuantNorm replaces a model norm, and its payload replaces the consumers' own
-act_quant with bit-identical results.
-
-Until mixq.nn.W4A4Linear calls `take_prequantized` itself, the `handoff` fixture emulates the
-proposed few-line change: when a payload is available, the linear's act_quant call is answered
-with it -- after checking it equals what act_quant would have returned."""
-import inspect
-
+"""mixq.nn.norm and mixq.hf.norm_fusion: QuantNorm replaces a model norm, and its payload
+replaces the consumers' own act_quant with bit-identical results (the `handoff` fixture counts
+payloads taken and act_quant calls made)."""
 import pytest
 import torch
 from torch import nn
@@ -13,14 +8,11 @@ from torch import nn
 import mixq.kernels.act_quant as aq
 from mixq import nn as qnn
 from mixq.config import QuantSpec
-from mixq.norm import (QuantNorm, attach_consumers, fuse_norm_quant, norm_reference,
-                       quantize_normed_reference, take_prequantized)
+from mixq.nn.norm import QuantNorm, attach_consumers, take_prequantized
+from mixq.hf.norm_fusion import fuse_norm_quant
+from mixq.reference.norm import norm_reference, quantize_normed_reference
 
 ROW = QuantSpec(4, True, "row")
-
-
-def _nn_consumes_payload() -> bool:
-    return "take_prequantized" in inspect.getsource(qnn.W4A4Linear._forward_kernel)
 
 
 @pytest.fixture
@@ -39,26 +31,7 @@ def handoff(monkeypatch):
         return out
 
     monkeypatch.setattr(aq, "act_quant", counting_act_quant)
-    monkeypatch.setattr("mixq.norm.take_prequantized", counting_take)
-    if not _nn_consumes_payload():
-        orig = qnn.W4A4Linear._forward_kernel
-
-        def forward_kernel(self, x):                # the proposed change, emulated
-            pre = counting_take(x, self)
-            if pre is None:
-                return orig(self, x)
-
-            def answer(xp, **kw):
-                want = real_act_quant(xp, **kw)
-                for got, ref, name in zip(pre, want, ("x_q", "x_scale", "x_out")):
-                    assert torch.equal(got, ref), f"payload {name} differs from act_quant"
-                return pre
-            monkeypatch.setattr(aq, "act_quant", answer)
-            try:
-                return orig(self, x)
-            finally:
-                monkeypatch.setattr(aq, "act_quant", counting_act_quant)
-        monkeypatch.setattr(qnn.W4A4Linear, "_forward_kernel", forward_kernel)
+    monkeypatch.setattr("mixq.nn.linear.take_prequantized", counting_take)
     return stats
 
 
@@ -164,8 +137,7 @@ def test_handoff_gives_the_unfused_linear_output(spec, k, idx, handoff, device, 
         calls = handoff["act_quant"]
         fused = [lin(h) for lin in lins]
     assert handoff["taken"] == 3
-    if _nn_consumes_payload():
-        assert handoff["act_quant"] == calls, "a consumer ran its own act_quant"
+    assert handoff["act_quant"] == calls, "a consumer ran its own act_quant"
     for a, b in zip(fused, unfused):
         assert torch.equal(a, b)
 
@@ -200,7 +172,7 @@ def _use_kernels(model):
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_fuse_norm_quant_on_a_model(family, handoff, tiny_opt, device, seed):
-    from mixq.models import get_adapter
+    from mixq.hf.models import get_adapter
     model = _tiny_llama(device) if family == "llama" else tiny_opt().to(device)
     adapter = get_adapter(model)
     _quantize_block_linears(model, adapter, device)
@@ -223,7 +195,7 @@ def test_fuse_norm_quant_on_a_model(family, handoff, tiny_opt, device, seed):
 
 
 def test_fuse_skips_groups_without_a_shared_outlier_set(device, seed):
-    from mixq.models import get_adapter
+    from mixq.hf.models import get_adapter
     model = _tiny_llama(device)
     adapter = get_adapter(model)
     _quantize_block_linears(model, adapter, device, mismatch="self_attn.k_proj")
@@ -262,7 +234,8 @@ def test_bad_inputs(device):
         attach_consumers(qn, other)
     with pytest.raises(ValueError, match="not W4A4Linear"):
         attach_consumers(qn, [nn.Linear(32, 8)])
-    tile = qnn.W4A4Linear.from_linear(nn.Linear(32, 8), outlier_idx=torch.tensor([4, 5]))
+    tile = qnn.W4A4Linear.from_linear(nn.Linear(32, 8), outlier_idx=torch.tensor([4, 5]),
+                                      weight_spec=QuantSpec(4, True, "tile"))
     with pytest.raises(ValueError, match="kernel path"):
         attach_consumers(qn, [tile.to(device)])
 

@@ -1,6 +1,6 @@
 """Triton kernels: quantized attention for prefill (flash-style) and decode over a packed KV4 cache.
 
-Both compute exactly the math of `mixq.attention` (read its module docstring first)::
+Both compute exactly the math of `mixq.reference.attention` (read its module docstring first)::
 
     S = Q K^T * scaling + mask  ->  m = rowmax(S)  ->  P_c = round(exp(S - m) * pmax)
     O = (P_c @ V_dq) / sum(P_c)
@@ -20,7 +20,8 @@ fp16 tiles: the codes 0..255 are exact in fp16, V_dq is fp16 by definition, each
 (8 x 11 significant bits) is exact in the fp32 accumulator, so the only difference from the
 reference is the fp32 summation order. Otherwise the dots run in fp32 (``input_precision="ieee"``).
 
-Decode (`kv4_decode_attention`): for Lq <= 16 new tokens, reading a `mixq.kv_cache.KV4Layer`:
+Decode (`kv4_decode_attention`): for Lq <= 16 new tokens, reading a packed KV cache
+(the tensors of `mixq.reference.kv_cache`, as `mixq.hf.kv_cache.KV4Layer` holds them):
 K codes (int4 packed two per byte along D, or int8) with one fp16 scale per (group of G tokens,
 channel), V codes with one fp16 scale per token, and the fp residual window of the newest
 tokens. Flash-decoding: grid (batch x KV head, key splits); one program holds the
@@ -41,9 +42,11 @@ import torch
 import triton
 import triton.language as tl
 
-from mixq.attention import (AttentionQuantConfig, _check_config, _check_scaling,
-                            _dequantize_rows, check_attention_inputs, dequantize_v, prepare_mask,
-                            quantized_attention_reference)
+from mixq.config import AttentionQuantConfig
+from mixq.reference.attention import (check_attention_config, check_attention_inputs,
+                                      check_scaling, dequantize_rows, dequantize_v, prepare_mask,
+                                      quantized_attention_reference)
+from mixq.reference.kv_cache import KV_BITS, dequantize_kv
 from mixq.kernels._triton import (autotune, check_kernel_device, fallback_to_reference,
                                   m_bucket, op_name)
 from mixq.kernels.act_quant import act_quant
@@ -226,7 +229,7 @@ def quantized_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                         config: AttentionQuantConfig | None = None, is_causal: bool = True,
                         return_stats: bool = False, check_finite: bool = True):
     """Prefill quantized attention with the Triton kernel (same contract as
-    `mixq.attention.quantized_attention_reference`).
+    `mixq.reference.attention.quantized_attention_reference`).
 
     Args:
         query: (B, Hq, Lq, D) fp16/bf16/fp32, CUDA (or CPU under TRITON_INTERPRET=1), finite.
@@ -242,8 +245,8 @@ def quantized_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """
     check_attention_inputs(query, key, value, finite=check_finite)
     check_kernel_device(query, "query")
-    config = _check_config(config)
-    scaling = _check_scaling(scaling)
+    config = check_attention_config(config)
+    scaling = check_scaling(scaling)
     if fallback_to_reference(query, "attention_prefill"):
         if return_stats:
             raise ValueError("return_stats needs the kernel (this GPU falls back to the reference)")
@@ -257,8 +260,8 @@ def quantized_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         q, q_scale = _quantize_rows(query, config.q_bits)
         k, k_scale = _quantize_rows(key, config.k_bits)
     else:
-        q = _dequantize_rows(*_quantize_rows(query, config.q_bits)) if config.q_bits else query.float()
-        k = _dequantize_rows(*_quantize_rows(key, config.k_bits)) if config.k_bits else key.float()
+        q = dequantize_rows(*_quantize_rows(query, config.q_bits)) if config.q_bits else query.float()
+        k = dequantize_rows(*_quantize_rows(key, config.k_bits)) if config.k_bits else key.float()
         q_scale = k_scale = empty
     v = dequantize_v(*_quantize_rows(value, config.v_bits)) if config.v_bits else value.float()
     pv_fp16 = config.v_bits is not None and config.p_bits is not None
@@ -419,67 +422,107 @@ def _(q, k_codes, k_scale, v_codes, v_scale, k_res, v_res, mask, group_size, bit
     return q.new_empty((bsz, lq, hq, d), dtype=torch.float32)
 
 
-def kv4_decode_attention(query: torch.Tensor, layer, attention_mask: torch.Tensor | None = None,
-                         *, scaling: float, config: AttentionQuantConfig | None = None,
-                         is_causal: bool = True, check_finite: bool = True) -> torch.Tensor:
-    """Decode attention of Lq <= 16 new queries over a packed `mixq.kv_cache.KV4Layer`.
+def kv4_decode_attention(query: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
+                         v_codes: torch.Tensor, v_scale: torch.Tensor, k_res: torch.Tensor,
+                         v_res: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                         bits: int, group_size: int, scaling: float,
+                         config: AttentionQuantConfig | None = None, is_causal: bool = True,
+                         check_finite: bool = True) -> torch.Tensor:
+    """Decode attention of Lq <= 16 new queries over a packed KV cache (plain tensors).
 
-    Same result as ``quantized_attention_reference(query, *layer.dequantize(), attention_mask,
+    Same result as ``quantized_attention_reference(query, *dequantize_kv(...), attention_mask,
     scaling=..., config=replace(config, k_bits=None, v_bits=None))`` to the tolerance in the
     module docstring; the cache is read packed, never dequantized to memory.
 
     Args:
         query: (B, Hq, Lq, D) fp16/bf16/fp32, 1 <= Lq <= 16, finite; CUDA (or CPU under
             TRITON_INTERPRET=1).
-        layer: a `KV4Layer` holding Lk >= 1 tokens (the new ones included), Hkv | Hq, same D.
+        k_codes, v_codes: (B, Hkv, Tq, D/2) uint8 (bits 4) or (B, Hkv, Tq, D) int8 (bits 8);
+            Hkv | Hq.
+        k_scale: fp16 (B, Hkv, Tq/G, D); v_scale: fp16 (B, Hkv, Tq).
+        k_res, v_res: the float residual window (B, Hkv, T - Tq, D); Lk = T >= Lq tokens in
+            all, the new ones included (the layout of `mixq.reference.kv_cache`).
         attention_mask: additive / bool mask broadcastable to (B, 1, Lq, Lk), or None.
+        bits: 4 or 8. group_size: G, tokens per key scale.
         scaling: positive float. config: q_bits and p_bits are used; k/v bits must be None
             (the cache's quantization applies). is_causal: causal when no mask (Lq > 1).
         check_finite: reject NaN/Inf in query/mask (a device sync; off in the HF integration).
     Returns:
         (B, Lq, Hq, D) in query.dtype.
     """
-    from mixq.kv_cache import KV4Layer
     from mixq.validation import check_tensor
 
     check_tensor(query, "query", ndim=4, dtypes=(torch.float16, torch.bfloat16, torch.float32),
                  finite=check_finite)
     check_kernel_device(query, "query")
-    if not isinstance(layer, KV4Layer):
-        raise TypeError(f"layer must be a mixq.kv_cache.KV4Layer, got {type(layer).__name__}")
-    config = _check_config(config)
-    scaling = _check_scaling(scaling)
+    config = check_attention_config(config)
+    scaling = check_scaling(scaling)
     if config.k_bits is not None or config.v_bits is not None:
         raise ValueError("kv4_decode_attention reads K/V quantized by the cache: pass a config "
                          f"with k_bits=None and v_bits=None, got k_bits={config.k_bits}, "
                          f"v_bits={config.v_bits}")
+    if isinstance(bits, bool) or bits not in KV_BITS:
+        raise ValueError(f"bits must be one of {KV_BITS}, got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     bsz, hq, lq, d = query.shape
     if not 1 <= lq <= DECODE_MAX_LQ:
         raise ValueError(f"decode handles 1..{DECODE_MAX_LQ} new tokens, got Lq={lq} "
                          f"(query shape {tuple(query.shape)}); use quantized_attention")
-    st = layer.packed_state()
-    if st is None:
-        raise ValueError("the KV4 layer is empty: update it with the new keys/values first")
-    k_codes = st["k_codes"]
-    if k_codes.device != query.device:
-        raise ValueError(f"the cache is on {k_codes.device} but query is on {query.device}")
-    if k_codes.shape[0] != bsz or hq % k_codes.shape[1] != 0 or layer.head_dim != d:
-        raise ValueError(f"cache (B, Hkv, ., D) = ({k_codes.shape[0]}, {k_codes.shape[1]}, ., "
-                         f"{layer.head_dim}) does not fit query {tuple(query.shape)}")
-    lk = layer.get_seq_length()
+    _check_packed_cache(query, k_codes, k_scale, v_codes, v_scale, k_res, v_res, bits,
+                        group_size)
+    lk = k_codes.shape[2] + k_res.shape[2]
     if lk < lq:
         raise ValueError(f"the cache holds {lk} tokens, fewer than the Lq={lq} new queries")
     if fallback_to_reference(query, "attention_kv4_decode"):
-        k_full, v_full = layer.dequantize()
+        k_full, v_full = dequantize_kv(k_codes, k_scale, v_codes, v_scale, k_res, v_res,
+                                       bits=bits, group_size=group_size)
         return quantized_attention_reference(query, k_full, v_full, attention_mask,
                                              scaling=scaling, config=config, is_causal=is_causal)
     mask, causal = _kernel_mask(attention_mask, bsz, lq, lk, is_causal, query.device, check_finite)
     if config.q_bits is not None:
-        q = _dequantize_rows(*_quantize_rows(query, config.q_bits))
+        q = dequantize_rows(*_quantize_rows(query, config.q_bits))
     else:
         q = query.float()
     impl = _decode_op if torch.compiler.is_compiling() else _decode_impl
-    out = impl(q.contiguous(), k_codes, st["k_scale"], st["v_codes"], st["v_scale"],
-               st["k_res"], st["v_res"], mask, layer.group_size, layer.bits, scaling, causal,
-               config.p_bits or 0)
+    out = impl(q.contiguous(), k_codes.contiguous(), k_scale.contiguous(), v_codes.contiguous(),
+               v_scale.contiguous(), k_res.contiguous(), v_res.contiguous(), mask, group_size,
+               bits, scaling, causal, config.p_bits or 0)
     return out.to(query.dtype)
+
+
+def _check_packed_cache(query, k_codes, k_scale, v_codes, v_scale, k_res, v_res, bits: int,
+                        group_size: int) -> None:
+    """Shapes, dtypes and devices of the packed cache against the query (ValueError/TypeError
+    naming the tensor)."""
+    from mixq.validation import check_tensor
+
+    bsz, hq, _, d = query.shape
+    code_dtype, width = (torch.uint8, d // 2) if bits == 4 else (torch.int8, d)
+    for name, t in (("k_codes", k_codes), ("v_codes", v_codes)):
+        check_tensor(t, name, ndim=4, dtypes=(code_dtype,), nonempty=False)
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        check_tensor(t, name, dtypes=(torch.float16,), nonempty=False)
+    for name, t in (("k_res", k_res), ("v_res", v_res)):
+        check_tensor(t, name, ndim=4, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                     nonempty=False)
+    b, hkv, tq, w = k_codes.shape
+    if b != bsz or hq % hkv != 0 or w != width or (bits == 4 and d % 2):
+        raise ValueError(f"cache (B, Hkv, ., D) = ({b}, {hkv}, ., {2 * w if bits == 4 else w}) "
+                         f"does not fit query {tuple(query.shape)}")
+    want = {"v_codes": (b, hkv, tq, w), "k_scale": (b, hkv, tq // group_size, d),
+            "v_scale": (b, hkv, tq), "k_res": (b, hkv, k_res.shape[2], d),
+            "v_res": (b, hkv, k_res.shape[2], d)}
+    got = {"v_codes": v_codes, "k_scale": k_scale, "v_scale": v_scale, "k_res": k_res,
+           "v_res": v_res}
+    for name, shape in want.items():
+        if tuple(got[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for k_codes "
+                             f"{tuple(k_codes.shape)} and group_size {group_size}, "
+                             f"got {tuple(got[name].shape)}")
+    if tq % group_size:
+        raise ValueError(f"k_codes holds {tq} tokens, not a whole number of groups of "
+                         f"{group_size}")
+    for name, t in (("k_codes", k_codes), *got.items()):
+        if t.device != query.device:
+            raise ValueError(f"the cache ({name}) is on {t.device} but query is on {query.device}")

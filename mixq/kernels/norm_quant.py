@@ -47,9 +47,9 @@ from mixq.kernels._triton import (autotune, check_kernel_device, fallback_to_ref
 from mixq.kernels.act_quant import _quantize_tile, _store_codes, act_quant, resolve_outliers
 from mixq.kernels.act_quant import _prune  # same BLOCK_M * BLOCK_K register cap
 from mixq.kernels.pack import cast_rne
+from mixq.reference.norm import (NORM_KINDS, check_norm_args, norm_reference,
+                                 quantize_normed_reference)
 from mixq.validation import check_quant_args, check_tensor
-from mixq.norm import (NORM_KINDS, check_norm_args, norm_reference,
-                       quantize_normed_reference)
 
 __all__ = ["norm_act_quant", "norm_act_quant_prepared", "normed_dtype", "NORM_KINDS"]
 
@@ -199,7 +199,7 @@ def norm_act_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         bits: 2..8, signed grid [-2^(bits-1), 2^(bits-1) - 1].
         also_return_normed: also return h (M, K) in `normed_dtype(kind, x.dtype, weight.dtype)`.
         check_finite: check x / weight / bias for NaN/Inf (a device sync; the fused module
-            `mixq.norm.QuantNorm` turns it off on its hot path).
+            `mixq.nn.norm.QuantNorm` turns it off on its hot path).
     Returns:
         ``(x_q, x_scale, x_out)`` or ``(x_q, x_scale, x_out, normed)``: x_q as `out_format`;
         x_scale fp16 (M, 1); x_out fp16 (M, k); normed (M, K).
@@ -219,7 +219,7 @@ def norm_act_quant_prepared(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
                             gather_idx: torch.Tensor | None, n_outliers: int, *, kind: str,
                             eps: float, out_format: str, bits: int):
     """Hot-path entry of `norm_act_quant` for a static outlier set (used by
-    `mixq.norm.QuantNorm`): checks only shapes, no NaN/Inf scan and no device sync.
+    `mixq.nn.norm.QuantNorm`): checks only shapes, no NaN/Inf scan and no device sync.
 
     Args:
         x: (M, K) contiguous. weight, bias: as `norm_act_quant`.
@@ -255,7 +255,7 @@ def _dispatch(x, weight, bias, gather_idx, n_outliers, kind, eps, out_format, bi
 
 
 def _unfused(x, weight, bias, kind, eps, gather_idx, n_outliers, out_format, bits, return_normed):
-    """Torch norm, then the quantizer: the `mixq.norm` reference on GPUs below sm80, the
+    """Torch norm, then the quantizer: the `mixq.reference.norm` reference on GPUs below sm80, the
     `act_quant` kernel for rows wider than one tile."""
     h = norm_reference(x, weight, bias, kind=kind, eps=eps)
     split = {"n_outliers": n_outliers} if gather_idx is None else \

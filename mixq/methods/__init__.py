@@ -5,7 +5,6 @@ Transforms (float function unchanged): SmoothQuant, AWQ, Rotation. Weight quanti
 channels), LayerwiseQuant (chosen kinds / layers at W8A8). Order in ``config.methods``:
 decisions and transforms first, then at most one weight quantizer per linear.
 """
-from mixq.methods.ablation import layer_sensitivity
 from mixq.methods.adaround import AdaRound
 from mixq.methods.awq import AWQ
 from mixq.methods.awq_dynamic import AWQDynamic
@@ -20,4 +19,4 @@ from mixq.methods.smoothquant import SmoothQuant
 
 __all__ = ["LayerContext", "Method", "fold_scale", "output_error", "quantized_output", "RTN",
            "SmoothQuant", "AWQ", "Clip", "GPTQ", "Rotation", "hadamard",
-           "OutlierChannels", "LayerwiseQuant", "AdaRound", "AWQDynamic", "layer_sensitivity"]
+           "OutlierChannels", "LayerwiseQuant", "AdaRound", "AWQDynamic"]

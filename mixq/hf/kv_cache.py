@@ -1,34 +1,25 @@
 """`KV4Cache`: a 4-bit (or 8-bit) KIVI-style key/value cache for Hugging Face `generate()`.
 
-Layout of one layer (`KV4Layer`), for keys/values of shape (B, Hkv, T, D)::
-
-    tokens 0 .. Tq-1   (Tq = floor(T / G) * G, whole groups)   quantized, symmetric, RTN
-        K: per channel over groups of G tokens (KIVI): one fp16 scale per (b, h, group, d)
-               k_scale (B, Hkv, Tq/G, D) = fp16(max_{t in group} |K[t, d]| / qmax)  (0 -> 1)
-               k_codes = clamp(round(K / k_scale), -2^(b-1), 2^(b-1)-1)
-        V: per token over the whole head dim: one fp16 scale per (b, h, t)
-               v_scale (B, Hkv, Tq) = fp16(max_d |V[t, d]| / qmax)                   (0 -> 1)
-        codes: bits=4 -> uint8 (B, Hkv, Tq, D/2), two per byte along D, low nibble first
-               (`mixq.quant.pack_int4`); bits=8 -> int8 (B, Hkv, Tq, D)
-    tokens Tq .. T-1   (fewer than G)                          the residual window, kept as
-        given (the model's dtype): ``layer.keys`` / ``layer.values`` (B, Hkv, T - Tq, D)
-
-Keys are per channel because key outliers live in fixed channels (KIVI); values per token
-because the attention output mixes values along tokens. The residual window is needed for K:
-a channel scale is fixed only once its group of G tokens is complete. When the window reaches
-G tokens it is quantized and moved into the codes (so a token is quantized exactly once).
-
-Dequantization (`KV4Layer.dequantize`, the reference the decode kernel matches)::
-
-    K_dq = fp32(k_codes) * fp32(k_scale[group])        V_dq = fp32(fp16(fp32(v_codes) * fp32(v_scale)))
-
-and the residual tokens as they are (cast to fp32).
+One `KV4Layer` per decoder layer holds, for keys/values of shape (B, Hkv, T, D), the codes and
+fp16 scales of the tokens in whole groups of G and the float residual window of the newest
+``T mod G`` tokens; the layout and the math are `mixq.reference.kv_cache` (read it first). When
+the window reaches G tokens it is quantized and moved into the codes (so a token is quantized
+exactly once).
 
 How attention reads it: by default `update` returns the full dequantized (fp32) K/V, so any
-attention implementation works (slowly). Under `mixq.attention.enable_quantized_attention`, a
-forward pre-hook on each attention module sets ``cache.packed_reads = True`` for that call:
+attention implementation works (slowly). Under `mixq.hf.attention.enable_quantized_attention`,
+a forward pre-hook on each attention module sets ``cache.packed_reads = True`` for that call:
 `update` then returns only the new states, and the mixq attention function reads the layer
 itself (``cache.layers[module.layer_idx]``): the decode kernel reads the packed codes directly.
+With ``dequantized_reads=True`` the cache always returns the dequantized K/V, also to mixq
+attention and also for the tokens of the current call: a full-sequence forward then sees K/V
+exactly as a decode step would read them from the cache (how `mixq.eval.perplexity` measures
+the accuracy of the 4-bit cache).
+
+A cache serves one sequence batch: `generate()` with a cache that already holds tokens
+continues that sequence (as HF's caches do); to start a new prompt call ``cache.reset()`` or
+build a fresh one (`mixq.make_cache`). A prompt whose batch size or head layout does not fit
+the held tokens raises ValueError.
 """
 from __future__ import annotations
 
@@ -37,14 +28,13 @@ import functools
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from mixq.attention import quantize_heads, dequantize_v
-from mixq.quant import pack_int4, unpack_int4
-from mixq.reference import quantize_per_token
+from mixq.reference.kv_cache import (KV_BITS, dequantize_kv, pack_codes, quantize_heads,
+                                     quantize_keys)
 from mixq.validation import check_tensor
 
 __all__ = ["KV4Layer", "KV4Cache"]
 
-_BITS = (4, 8)
+_BITS = KV_BITS
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -90,25 +80,6 @@ class KV4Layer(DynamicLayer):
         self.v_scale = torch.empty((b, h, 0), dtype=torch.float16, device=self.device)
         self.is_initialized = True
 
-    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
-        return pack_int4(codes) if self.bits == 4 else codes
-
-    def _unpack(self, codes: torch.Tensor) -> torch.Tensor:
-        if self.bits == 8:
-            return codes
-        if codes.shape[2] == 0:                    # nothing quantized yet (unpack_int4 wants data)
-            return torch.empty((*codes.shape[:3], self.head_dim), dtype=torch.int8, device=codes.device)
-        return unpack_int4(codes, self.head_dim)
-
-    def _quantize_keys(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k (B, H, nG*G, D) -> codes (B, H, nG*G, D) int8, scale fp16 (B, H, nG, D)."""
-        b, h, n, d = k.shape
-        g = self.group_size
-        cols = k.reshape(b, h, n // g, g, d).transpose(-1, -2)            # (B, H, nG, D, G)
-        codes, scale = quantize_per_token(cols.reshape(-1, g), self.bits)
-        codes = codes.reshape(b, h, n // g, d, g).transpose(-1, -2).reshape(b, h, n, d)
-        return codes, scale.reshape(b, h, n // g, d)
-
     def _check_states(self, key_states, value_states) -> None:
         check_tensor(key_states, "key_states", ndim=4, dtypes=_FLOATS, finite=self.check_finite)
         check_tensor(value_states, "value_states", ndim=4, dtypes=_FLOATS,
@@ -137,10 +108,10 @@ class KV4Layer(DynamicLayer):
         values = torch.cat([self.values, value_states.to(self.dtype)], dim=-2)
         n_full = keys.shape[2] // self.group_size * self.group_size
         if n_full:
-            k_codes, k_scale = self._quantize_keys(keys[:, :, :n_full])
+            k_codes, k_scale = quantize_keys(keys[:, :, :n_full], self.bits, self.group_size)
             v_codes, v_scale = quantize_heads(values[:, :, :n_full], self.bits)
-            self.k_codes = torch.cat([self.k_codes, self._pack(k_codes)], dim=2)
-            self.v_codes = torch.cat([self.v_codes, self._pack(v_codes)], dim=2)
+            self.k_codes = torch.cat([self.k_codes, pack_codes(k_codes, self.bits)], dim=2)
+            self.v_codes = torch.cat([self.v_codes, pack_codes(v_codes, self.bits)], dim=2)
             self.k_scale = torch.cat([self.k_scale, k_scale], dim=2)
             self.v_scale = torch.cat([self.v_scale, v_scale], dim=2)
         self.keys = keys[:, :, n_full:].contiguous()
@@ -160,14 +131,12 @@ class KV4Layer(DynamicLayer):
         return self.cumulative_length + n, 0
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached K and V, dequantized: fp32 (B, Hkv, T, D) each (math in the module doc)."""
+        """The cached K and V, dequantized: fp32 (B, Hkv, T, D) each
+        (`mixq.reference.kv_cache.dequantize_kv`)."""
         if not self.is_initialized:
             raise ValueError("the KV4 layer is empty")
-        g = self.group_size
-        k_q = self._unpack(self.k_codes).float() * self.k_scale.float().repeat_interleave(g, dim=2)
-        v_q = dequantize_v(self._unpack(self.v_codes), self.v_scale).float()
-        return (torch.cat([k_q, self.keys.float()], dim=2),
-                torch.cat([v_q, self.values.float()], dim=2))
+        return dequantize_kv(self.k_codes, self.k_scale, self.v_codes, self.v_scale, self.keys,
+                             self.values, bits=self.bits, group_size=self.group_size)
 
     def packed_state(self) -> dict[str, torch.Tensor] | None:
         """The tensors the decode kernel reads (contiguous), or None when empty:
@@ -216,10 +185,13 @@ class KV4Cache(Cache):
         group_size: G tokens per key scale (default 32); also the largest residual window.
         check_finite: reject NaN/Inf states in every update (a device sync per layer and step;
             pass False for fast GPU decoding).
+        dequantized_reads: always return the dequantized K/V from `update`, also while mixq
+            attention asks for packed reads (see the module docstring): for accuracy
+            measurements of a full-sequence forward, not for fast decoding.
     """
 
     def __init__(self, config=None, *, bits: int = 4, group_size: int = 32,
-                 check_finite: bool = True):
+                 check_finite: bool = True, dequantized_reads: bool = False):
         _check_args(bits, group_size)
         make = functools.partial(KV4Layer, bits=bits, group_size=group_size,
                                  check_finite=check_finite)
@@ -228,17 +200,21 @@ class KV4Cache(Cache):
         else:
             n_layers = config.get_text_config(decoder=True).num_hidden_layers
             super().__init__(layers=[make() for _ in range(n_layers)])
+        if not isinstance(dequantized_reads, bool):
+            raise TypeError(f"dequantized_reads must be a bool, got {dequantized_reads!r}")
         self.bits, self.group_size = bits, group_size
+        self.dequantized_reads = dequantized_reads
         self._packed_reads = False
 
     @property
     def packed_reads(self) -> bool:
-        """While True, `update` returns only the new states (the attention reads the layer)."""
+        """While True, `update` returns only the new states (the attention reads the layer);
+        always False with ``dequantized_reads``."""
         return self._packed_reads
 
     @packed_reads.setter
     def packed_reads(self, on: bool) -> None:
-        self._packed_reads = bool(on)
+        self._packed_reads = bool(on) and not self.dequantized_reads
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,12 +62,17 @@ class LinearGroup:
         return int(self.linears[0].in_features)
 
 
+_KIND_OF = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "out_proj": "o",
+            "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "fc1": "up", "fc2": "down"}
+
+
 def linear_kind(name: str) -> str:
-    """Short kind of a linear from its qualified name (the names of `QuantConfig.targets`):
-    "self_attn.q_proj" -> "q", "mlp.down_proj" -> "down", "self_attn.out_proj" -> "out",
-    "fc1" -> "fc1"."""
+    """The kind of a linear (one of `mixq.config.TARGETS`) from its qualified name, the one
+    vocabulary of `QuantConfig.targets` and the methods: "self_attn.q_proj" -> "q",
+    "mlp.down_proj" -> "down"; OPT "self_attn.out_proj" -> "o", "fc1" -> "up", "fc2" -> "down".
+    A name of no known kind returns its last component."""
     leaf = name.rsplit(".", 1)[-1]
-    return leaf[:-5] if leaf.endswith("_proj") else leaf
+    return _KIND_OF.get(leaf, leaf)
 
 
 class ModelAdapter:

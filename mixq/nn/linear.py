@@ -50,17 +50,20 @@ from torch import nn
 
 from mixq import outliers as _outliers
 from mixq import quant, reference
-from mixq.config import QuantSpec
+from mixq.config import FLOAT_MODES, QuantSpec, check_mode, default_specs
+from mixq.nn.norm import take_prequantized
 from mixq.validation import FLOAT_DTYPES, check_tensor
 
-DEFAULT_W4_SPEC = QuantSpec(4, True, "tile", tile=(8, 8))
+#: Weight grids a module gets when given none: those of `mixq.config.default_specs` (int4
+#: symmetric groups of 128; int8 per output channel), the same as `QuantConfig`'s "auto".
+DEFAULT_W4_SPEC = default_specs("w4a4")[0]
 _W4A4_BLOCK_K = 128  # K block of mixq.kernels.w4a4 (kept here so nn imports no triton)
 _KERNEL_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-DEFAULT_W8_SPEC = QuantSpec(8, True, "row")
+DEFAULT_W8_SPEC = default_specs("w8a8")[0]
 
 __all__ = ["QuantLinearBase", "FP16Linear", "W8A8Linear", "W4A16Linear", "W4A4Linear",
-           "DEFAULT_W4_SPEC", "DEFAULT_W8_SPEC", "quantize_linear", "module_weight_nbytes",
-           "module_memory_bytes", "DERIVED_BUFFERS"]
+           "RotatedInputLinear", "DEFAULT_W4_SPEC", "DEFAULT_W8_SPEC", "quantize_linear",
+           "module_weight_nbytes", "module_memory_bytes", "DERIVED_BUFFERS"]
 
 
 # ----------------------------------------------------------------------------- weight helpers
@@ -525,6 +528,22 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
         spec = self.weight_spec
         return spec.granularity == "row" or spec.group_size % _W4A4_BLOCK_K == 0
 
+    def prequant_problem(self, norm) -> str | None:
+        """Why this layer cannot take the payload of the `mixq.nn.QuantNorm` `norm` (as
+        ``"does not ..."`` / ``"has ..."``), or None when it can (`mixq.nn.attach_consumers`)."""
+        if not self.kernel_path:
+            return "does not run the W4A4 kernel path (needs row/group weights, act_bits=4)"
+        if norm.out_format != "int8":
+            return f"reads int8 codes, the norm writes {norm.out_format!r}"
+        if self.in_features != norm.hidden_size:
+            return f"has in_features={self.in_features}, the norm K={norm.hidden_size}"
+        if self.act_bits != norm.bits:
+            return f"quantizes to {self.act_bits} bits, the norm to {norm.bits}"
+        if not torch.equal(self.outlier_idx.cpu(), norm.outlier_idx.cpu()):
+            return (f"has other outlier channels ({self.outlier_idx.numel()} vs "
+                    f"{norm.outlier_idx.numel()} in the norm)")
+        return None
+
     def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The same math on the Triton kernels: act_quant (per-token int4 + the fp16 outlier
         copy, one pass) then the W4A4 GEMM with the outlier product fused, output in x.dtype
@@ -537,8 +556,7 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
             # inside is a temporary; not saved: derived)
             w_kernel = self._cache("w_kernel", prepare_w4a4_weight(
                 self.w_packed.to(x.device), self.k_padded))
-        from mixq.norm import take_prequantized
-        pre = take_prequantized(x, self)     # payload of a fused QuantNorm (mixq.norm), or None
+        pre = take_prequantized(x, self)     # payload of a fused QuantNorm (mixq.nn.norm), or None
         if pre is not None:
             x_q, x_scale, x_out = pre
         else:
@@ -581,30 +599,106 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
                 f"act_bits={self.act_bits}, n_outliers={self.n_outliers}")
 
 
-# ----------------------------------------------------------------------------- helpers
-MODES = ("fp16", "bf16", "w8a8", "w4a16", "w4a4")
+class RotatedInputLinear(nn.Module):
+    """``y = inner(x @ Q)``: a linear whose input gets an online orthogonal transform first.
 
-
-def quantize_linear(linear: nn.Linear, mode: str, *, weight_spec: QuantSpec | None = None,
-                    act_bits: int = 4, outlier_idx: torch.Tensor | None = None) -> QuantLinearBase:
-    """Build the quantized module for `mode` in MODES (case-insensitive) from `linear`.
-
-    `weight_spec` defaults to int8-row for w8a8 and int4 8x8 tiles for w4a16/w4a4; `act_bits` and
-    `outlier_idx` apply to w4a4 only.
+    For methods that rotate a linear's weight (``W <- W Q``, `mixq.methods.rotation`) where the
+    rotation of the input cannot be folded into the previous op. Buffers: ``rotation`` fp32
+    (K, K). The product is computed in fp32; `inner` (a quantized module or nn.Linear) gets fp32
+    input and the result is cast back to x.dtype.
     """
-    if not isinstance(mode, str) or mode.lower() not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    mode = mode.lower()
-    if mode in ("fp16", "bf16"):
-        return FP16Linear.from_linear(linear, dtype=torch.float16 if mode == "fp16" else torch.bfloat16)
-    if mode == "w8a8":
-        return W8A8Linear.from_linear(linear, weight_spec=weight_spec or DEFAULT_W8_SPEC)
+
+    def __init__(self, inner: nn.Module, rotation: torch.Tensor) -> None:
+        super().__init__()
+        k = int(inner.in_features)
+        if tuple(rotation.shape) != (k, k):
+            raise ValueError(f"rotation must be ({k}, {k}) for in_features={k}, "
+                             f"got {tuple(rotation.shape)}")
+        self.in_features, self.out_features = k, int(inner.out_features)
+        self.inner = inner
+        self.register_buffer("rotation", rotation.detach().float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) float -> (..., N) in x.dtype."""
+        y = self.inner(x.float() @ self.rotation.to(x.device))
+        return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- the builder
+def _set_int4_weight(module: "W4A4Linear | W4A16Linear", qt: quant.QTensor, name: str) -> None:
+    """Replace the RTN codes of a freshly built int4 module by a method's QTensor (same layout)."""
+    if not isinstance(qt, quant.QTensor):
+        raise TypeError(f"qweight of {name!r} must be a mixq.quant.QTensor, got {type(qt).__name__}")
+    if qt.spec != module.weight_spec:
+        raise ValueError(f"qweight of {name!r} uses {qt.spec.describe()} but the linear is "
+                         f"quantized with {module.weight_spec.describe()}")
+    n, kp = module.out_features, module.k_padded
+    rows = qt.q.shape[0]
+    tr = qt.spec.tile[0]
+    pad_rows = math.ceil(n / tr) * tr if qt.spec.granularity == "tile" else n
+    if qt.q.shape[1] != kp or rows not in (n, pad_rows):
+        raise ValueError(f"qweight of {name!r}: q must have the regular_weight() layout "
+                         f"({n} or {pad_rows}, {kp}), got {tuple(qt.q.shape)}")
+    if tuple(qt.scale.shape) != tuple(module.w_scale.shape):
+        raise ValueError(f"qweight of {name!r}: scale must have shape "
+                         f"{tuple(module.w_scale.shape)}, got {tuple(qt.scale.shape)}")
+    if (qt.zero is None) != (module.w_zero is None):
+        raise ValueError(f"qweight of {name!r}: zero point presence does not match the spec")
+    module.set_int4_codes(qt.q[:n], qt.scale, qt.zero)
+
+
+def quantize_linear(linear: nn.Linear, mode: str = "w4a4", *,
+                    weight_spec: QuantSpec | None = None, act_bits: int | None = None,
+                    outlier_idx: torch.Tensor | None = None,
+                    qweight: quant.QTensor | None = None,
+                    name: str = "linear") -> QuantLinearBase:
+    """The quantized module that replaces `linear` (weight (N, K)): the one builder, used by
+    `mixq.quantize`, the MNIST course and the benchmarks.
+
+    * mode "fp16" / "bf16": `FP16Linear` in that dtype.
+    * mode "w8a8", or an 8-bit `weight_spec` (a layer override in w4a4/w4a16): `W8A8Linear`
+      (int8 per-token activations; `outlier_idx` is ignored: int8 needs no FP16 channels).
+    * mode "w4a16": `W4A16Linear` (weight-only int4; `outlier_idx` must be empty).
+    * mode "w4a4": `W4A4Linear` (per-token `act_bits` activations, the FP16 `outlier_idx`
+      channels).
+
+    Args:
+        linear: the float nn.Linear.
+        mode: one of `mixq.config.MODES` (case-insensitive).
+        weight_spec: weight QuantSpec; None = the mode's `mixq.config.default_specs` grid
+            (int4 symmetric g128, int8 per row).
+        act_bits: activation bits of W4A4 (2..8); None = the mode's default (4).
+        outlier_idx: int64 (k,) FP16 input channels (W4A4), or None.
+        qweight: a method's QTensor replacing the RTN codes of an int4 module; layout of
+            `mixq.api.regular_weight` (the qweights convention of the methods).
+        name: qualified name, for error messages.
+    """
+    mode = check_mode(mode)
+    if mode in FLOAT_MODES:
+        return FP16Linear.from_linear(
+            linear, dtype=torch.float16 if mode == "fp16" else torch.bfloat16)
+    w_default, a_default = default_specs(mode)
+    spec = w_default if weight_spec is None else weight_spec
+    n_out = 0 if outlier_idx is None else int(outlier_idx.numel())
+    if mode == "w8a8" or spec.bits == 8:   # int8 has no FP16 outlier path: outliers dropped
+        if qweight is not None:
+            raise ValueError(f"{name}: W8A8 takes no method-quantized (int4) weights")
+        return W8A8Linear.from_linear(linear, weight_spec=spec)
     if mode == "w4a16":
-        return W4A16Linear.from_linear(linear, weight_spec=weight_spec or DEFAULT_W4_SPEC)
-    return W4A4Linear.from_linear(linear, weight_spec=weight_spec or DEFAULT_W4_SPEC,
-                                  act_bits=act_bits, outlier_idx=outlier_idx)
+        if n_out:
+            raise ValueError(f"{name}: weight-only W4A16 has no FP16 outlier channels "
+                             f"(got {n_out})")
+        module = W4A16Linear.from_linear(linear, weight_spec=spec)
+    else:
+        module = W4A4Linear.from_linear(linear, weight_spec=spec,
+                                        act_bits=a_default.bits if act_bits is None else act_bits,
+                                        outlier_idx=outlier_idx)
+    if qweight is not None:
+        _set_int4_weight(module, qweight, name)
+    return module
 
 
+# ----------------------------------------------------------------------------- helpers
 def module_weight_nbytes(module: nn.Module) -> int:
     """Weight bytes of every linear in `module`: `weight_nbytes()` of quantized linears plus the
     weight and bias bytes of plain `nn.Linear`s (at their stored dtype)."""

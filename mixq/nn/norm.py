@@ -1,5 +1,5 @@
-"""Fused norm -> activation quantization: the torch reference, the `QuantNorm` module, and the
-hand-off of its quantized payload to the W4A4 linears that read the norm's output.
+"""`QuantNorm`: a norm that also quantizes its output once for the W4A4 linears reading it, and
+the hand-off of that payload to them.
 
 In a pre-norm decoder layer the hidden states h (bf16) go through a norm whose output feeds
 several linears (Llama: q/k/v after input_layernorm, gate/up after post_attention_layernorm;
@@ -9,22 +9,13 @@ W4A4 linears re-reads the norm output and quantizes it again (`mixq.kernels.act_
 bf16 output (the model code still gets a plain tensor) *and* the payload
 ``(x_q, x_scale, x_out)`` once; the consumers pick it up with `take_prequantized` and skip their
 own act_quant. Outputs are bit-identical to the unfused path because the kernel quantizes the
-rounded bf16 values it returns (see the kernel docstring).
-
-Math of the reference (`norm_reference`), per token (row), fp32 inside::
-
-    RMSNorm (HF LlamaRMSNorm, exactly its ops and casts):
-        y = weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)
-    LayerNorm (torch.nn.functional.layer_norm):
-        y = ((x - mean) * rsqrt(var + eps) * weight + bias).to(x.dtype)     (var biased)
-
-then `quantize_normed_reference`, the torch form of `act_quant`: per-token symmetric codes of
-the non-outlier channels (`mixq.reference.quantize_per_token`), fp16 copy of the outliers.
+rounded bf16 values it returns (see the kernel docstring). The math is
+`mixq.reference.norm`.
 
 Hand-off protocol (no change to Hugging Face model code)
 --------------------------------------------------------
-* `fuse_norm_quant(model)` swaps each pre-norm whose consumers are all W4A4 linears with one
-  shared outlier set for a `QuantNorm`, and links them (`attach_consumers`).
+* `mixq.hf.norm_fusion.fuse_norm_quant(model)` swaps each pre-norm whose consumers are all W4A4
+  linears with one shared outlier set for a `QuantNorm`, and links them (`attach_consumers`).
 * `QuantNorm.forward` returns the normed tensor and remembers (weakly) which tensor it returned,
   its storage address and version counter, plus the payload and the consumers still to serve.
 * ``take_prequantized(x, linear)`` (called by `W4A4Linear` before its own act_quant) returns
@@ -34,18 +25,8 @@ Hand-off protocol (no change to Hugging Face model code)
   linear quantizes by itself, so the hand-off can only save work, never change a result.
   The payload is released once every consumer has taken it (else at the next forward).
 
-Requirement: the consumers of one norm must share ``outlier_idx`` and ``act_bits`` (they read one
-payload). `mixq.api.quantize` chooses outliers per linear; with the default
-``outlier_strategy="calib_max"`` q/k/v (and gate/up) see the same input, hence the same
-calibration max |x| and the same top-k channels. Salient-*weight* strategies ("max",
-"mean3std", "argmax") rank each linear's own weight and generally differ: those groups are not
-fused (`fuse_norm_quant` reports why).
-
-Hadamard rotation (`mixq.methods.rotation`): for attn_in / mlp_in it folds the norm weight into
-the linears and wraps them in `mixq.api.RotatedInputLinear` (an online ``x @ Q``), so their
-input is not the norm output: such groups are skipped. A QuaRot-style rotation of the whole
-residual stream (norm weights folded, norms seeing ``h Q``) would need no online rotation and
-the fused kernel applies unchanged (weight = ones) -- not implemented here.
+A consumer says itself whether it can read a norm's payload (``linear.prequant_problem(norm)``,
+which `mixq.nn.linear.W4A4Linear` defines), so this module needs no linear class.
 
 Limits: under ``torch.compile`` the hand-off is off (QuantNorm returns the plain norm, linears
 quantize themselves); a deep copy of a fused model keeps working but unfused (re-run
@@ -53,7 +34,6 @@ quantize themselves); a deep copy of a fused model keeps working but unfused (re
 """
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -61,116 +41,13 @@ import torch
 from torch import nn
 
 from mixq import outliers as _outliers
-from mixq import quant, reference
+from mixq.reference.norm import NORM_DTYPES, check_norm_args, norm_reference
 from mixq.validation import check_quant_args, check_tensor
 
-__all__ = ["norm_reference", "quantize_normed_reference", "norm_act_quant_reference",
-           "QuantNorm", "attach_consumers", "take_prequantized", "fuse_norm_quant",
-           "check_norm_args", "check_quant_args", "NORM_KINDS"]
+__all__ = ["QuantNorm", "attach_consumers", "take_prequantized"]
 
-NORM_KINDS = ("rms", "layer")
-_IN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_IN_DTYPES = NORM_DTYPES
 _LINK = "_mixq_prequant_norm"      # attribute of a consumer linear: its QuantNorm
-
-
-# ----------------------------------------------------------------------------- validation
-def check_norm_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str,
-                    eps: float, *, finite: bool) -> None:
-    """Validate norm operands: x (M, K) contiguous fp16/bf16/fp32 non-empty, weight (K,),
-    bias (K,) only for "layer", eps finite > 0, one device; NaN/Inf too when `finite`."""
-    check_tensor(x, "x", ndim=2, dtypes=_IN_DTYPES, contiguous=True, finite=finite)
-    k = x.shape[1]
-    if kind not in NORM_KINDS:
-        raise ValueError(f"kind must be one of {NORM_KINDS}, got {kind!r}")
-    check_tensor(weight, "weight", ndim=1, dtypes=_IN_DTYPES, contiguous=True, finite=finite)
-    if weight.shape[0] != k:
-        raise ValueError(f"weight must have shape (K,) = ({k},) to match x {tuple(x.shape)}, "
-                         f"got {tuple(weight.shape)}")
-    if bias is not None:
-        if kind == "rms":
-            raise ValueError("bias is only used by kind='layer' (RMSNorm has no bias)")
-        check_tensor(bias, "bias", ndim=1, dtypes=_IN_DTYPES, contiguous=True, finite=finite)
-        if bias.shape[0] != k:
-            raise ValueError(f"bias must have shape (K,) = ({k},) to match x {tuple(x.shape)}, "
-                             f"got {tuple(bias.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) \
-            or eps <= 0:
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    devices = {t.device for t in (x, weight, bias) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"x, weight and bias must be on one device, got {sorted(map(str, devices))}")
-
-
-# ----------------------------------------------------------------------------- reference
-def norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                   kind: str = "rms", eps: float = 1e-6) -> torch.Tensor:
-    """The norm as the model computes it (math: module docstring); no validation.
-
-    Args:
-        x: (..., K) float hidden states. weight: (K,). bias: (K,) or None ("layer" only).
-        kind: "rms" or "layer". eps: added to the fp32 variance.
-    Returns:
-        (..., K): dtype ``promote(x, weight)`` for "rms" (as HF), x.dtype for "layer".
-    """
-    xf = x.float()
-    if kind == "rms":
-        var = xf.pow(2).mean(-1, keepdim=True)
-        return weight * (xf * torch.rsqrt(var + eps)).to(x.dtype)
-    d = xf - xf.mean(-1, keepdim=True)
-    y = d * torch.rsqrt(d.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return (y if bias is None else y + bias.float()).to(x.dtype)
-
-
-def quantize_normed_reference(h: torch.Tensor, *, n_outliers: int = 0,
-                              outlier_idx: torch.Tensor | None = None, out_format: str = "packed",
-                              bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Torch form of `act_quant` (same outputs bit for bit) on normed activations h (M, K).
-
-    With o = the last `n_outliers` channels or `outlier_idx` (in its order), and the int4 part
-    the other channels in ascending order::
-
-        x_q, x_scale = reference.quantize_per_token(h[:, int4 part], bits)   (packed: pack_int4)
-        x_out        = h[:, o].to(fp16)
-
-    Returns:
-        ``(x_q, x_scale, x_out)``: uint8 (M, ceil(Kq/2)) or int8 (M, Kq); fp16 (M, 1); fp16 (M, k).
-    """
-    check_tensor(h, "h", ndim=2, dtypes=_IN_DTYPES, finite=True)
-    check_quant_args(out_format, bits, n_outliers)
-    k = h.shape[1]
-    if outlier_idx is None:
-        outlier_idx = torch.arange(k - n_outliers, k, device=h.device)
-    elif n_outliers:
-        raise ValueError("pass either n_outliers or outlier_idx, not both")
-    perm = _outliers.outlier_permutation(k, outlier_idx.to(h.device))
-    kq = k - outlier_idx.numel()
-    if kq < 1:
-        raise ValueError(f"h (shape {tuple(h.shape)}) needs at least one int4 channel, "
-                         f"got {outlier_idx.numel()} outliers")
-    x_q, x_scale = reference.quantize_per_token(h[:, perm[:kq]], bits)
-    if out_format == "packed":
-        x_q = quant.pack_int4(x_q)
-    return x_q, x_scale, h[:, perm[kq:]].to(torch.float16)
-
-
-def norm_act_quant_reference(x: torch.Tensor, weight: torch.Tensor,
-                             bias: torch.Tensor | None = None, *, kind: str = "rms",
-                             eps: float = 1e-6, n_outliers: int = 0,
-                             outlier_idx: torch.Tensor | None = None, out_format: str = "packed",
-                             bits: int = 4, also_return_normed: bool = False):
-    """Reference of `mixq.kernels.norm_quant.norm_act_quant`: `norm_reference` then
-    `quantize_normed_reference`; same arguments and outputs, any device.
-
-    Args:
-        x: (M, K) fp16/bf16/fp32 contiguous, finite. weight, bias: (K,). Others: see the kernel.
-    Returns:
-        ``(x_q, x_scale, x_out)`` (+ ``normed`` (M, K) with `also_return_normed`).
-    """
-    check_norm_args(x, weight, bias, kind, eps, finite=True)
-    h = norm_reference(x, weight, bias, kind=kind, eps=eps)
-    out = quantize_normed_reference(h, n_outliers=n_outliers, outlier_idx=outlier_idx,
-                                    out_format=out_format, bits=bits)
-    return (*out, h) if also_return_normed else out
 
 
 # ----------------------------------------------------------------------------- the module
@@ -309,24 +186,14 @@ class QuantNorm(nn.Module):
                 f"consumers={len(self._consumer_ids)}")
 
 
+
 # ----------------------------------------------------------------------------- hand-off
 def _consumer_problem(norm: QuantNorm, linear: nn.Module) -> str | None:
-    """Why `linear` cannot read `norm`'s payload, or None."""
-    from mixq.nn import W4A4Linear
-    if not isinstance(linear, W4A4Linear):
+    """Why `linear` cannot read `norm`'s payload, or None (asks ``linear.prequant_problem``)."""
+    ask = getattr(linear, "prequant_problem", None)
+    if ask is None:
         return f"is {type(linear).__name__}, not W4A4Linear"
-    if not linear.kernel_path:
-        return "does not run the W4A4 kernel path (needs row/group weights, act_bits=4)"
-    if norm.out_format != "int8":
-        return f"reads int8 codes, the norm writes {norm.out_format!r}"
-    if linear.in_features != norm.hidden_size:
-        return f"has in_features={linear.in_features}, the norm K={norm.hidden_size}"
-    if linear.act_bits != norm.bits:
-        return f"quantizes to {linear.act_bits} bits, the norm to {norm.bits}"
-    if not torch.equal(linear.outlier_idx.cpu(), norm.outlier_idx.cpu()):
-        return (f"has other outlier channels ({linear.outlier_idx.numel()} vs "
-                f"{norm.outlier_idx.numel()} in the norm)")
-    return None
+    return ask(norm)
 
 
 def attach_consumers(norm: QuantNorm, linears) -> None:
@@ -337,7 +204,7 @@ def attach_consumers(norm: QuantNorm, linears) -> None:
     mismatch, TypeError for a non-QuantNorm `norm`.
     """
     if not isinstance(norm, QuantNorm):
-        raise TypeError(f"norm must be a mixq.norm.QuantNorm, got {type(norm).__name__}")
+        raise TypeError(f"norm must be a mixq.nn.QuantNorm, got {type(norm).__name__}")
     linears = list(linears)
     for i, lin in enumerate(linears):
         problem = _consumer_problem(norm, lin)
@@ -364,44 +231,3 @@ def take_prequantized(x: torch.Tensor, linear: nn.Module):
         return None
     return norm._take(x, linear)
 
-
-def fuse_norm_quant(model: nn.Module, *, strict: bool = False) -> dict[str, str]:
-    """Replace each pre-norm of a quantized model by a `QuantNorm` feeding its W4A4 consumers.
-
-    For every decoder layer (`mixq.models` adapters), every linear group with a ``prev_norm``
-    (Llama input/post_attention_layernorm, OPT self_attn/final_layer_norm) whose linears are
-    all W4A4Linear on the kernel path sharing ``outlier_idx`` and ``act_bits``.
-
-    Args:
-        model: a causal LM quantized by `mixq.quantize` (mode w4a4).
-        strict: raise ValueError on a group that cannot be fused instead of skipping it.
-    Returns:
-        {qualified norm name: "fused -> q_proj, ..." or "skipped: <reason>"}.
-    """
-    from mixq.models import get_adapter
-    adapter = get_adapter(model)
-    report: dict[str, str] = {}
-    for i, layer in enumerate(adapter.layers(model)):
-        names = {id(m): n for n, m in layer.named_modules()}
-        for group in adapter.linear_groups(layer):
-            if group.prev_norm is None:
-                continue
-            qname = f"{adapter.layer_prefix(i)}.{names[id(group.prev_norm)]}"
-            if isinstance(group.prev_norm, QuantNorm):
-                report[qname] = "skipped: already fused"
-                continue
-            first = group.linears[0]
-            try:
-                qn = QuantNorm.from_norm(group.prev_norm,
-                                         outlier_idx=getattr(first, "outlier_idx", None),
-                                         bits=getattr(first, "act_bits", 4))
-                attach_consumers(qn, group.linears)
-            except (TypeError, ValueError) as e:
-                if strict:
-                    raise ValueError(f"{qname}: cannot fuse with {group.names}: {e}") from e
-                report[qname] = f"skipped: {e}"
-                continue
-            qn.to(next(first.buffers()).device)
-            layer.set_submodule(names[id(group.prev_norm)], qn)
-            report[qname] = "fused -> " + ", ".join(group.names)
-    return report
