@@ -14,11 +14,10 @@ from mixq.config import KVCacheSpec, QuantConfig, QuantSpec
 from mixq.io import CONFIG_NAME, load_quantized, save_quantized
 
 transformers = pytest.importorskip("transformers")
-from mixq.config import FLOAT_ATTENTION, AttentionQuantConfig
-from mixq.reference.attention import (# noqa: E402                             disable_quantized_attention)
-from mixq.hf.attention import enable_quantized_attention
+from mixq.config import FLOAT_ATTENTION, AttentionQuantConfig  # noqa: E402
+from mixq.hf.attention import disable_quantized_attention, enable_quantized_attention  # noqa: E402
 from mixq.hf.kv_cache import KV4Cache  # noqa: E402
-from mixq.reference.norm import QuantNorm  # noqa: E402
+from mixq.nn import QuantNorm  # noqa: E402
 
 ATTN = AttentionQuantConfig(q_bits=8, k_bits=4, v_bits=8, p_bits=8)
 NEW_KEYS = ("attention", "kv_cache", "fuse_norm")
