@@ -66,6 +66,12 @@ class QuantSpec:
         """Largest integer on the grid."""
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
 
+    @property
+    def block_cols(self) -> int:
+        """Columns (along K) that share one scale, the unit a weight's K is zero-padded to:
+        `group_size` ("group"), the tile width ("tile"), 1 ("row", "tensor")."""
+        return {"group": self.group_size, "tile": self.tile[1]}.get(self.granularity, 1)
+
     def describe(self) -> str:
         """Short human name, e.g. 'int4-sym-g128' or 'int8-asym-row'."""
         kind = {"tensor": "tensor", "row": "row", "group": f"g{self.group_size}",

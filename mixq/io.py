@@ -10,7 +10,10 @@ Layout of a saved directory::
                              stored: it is `quant.unpack_int4(w_packed)` (a save that has it
                              still loads; a copy that differs raises). Non-persistent caches
                              (``w_kernel``, ``w_q_cache``) are not saved. Tensors that share
-                             memory (tied embeddings) are stored once.
+                             memory (tied embeddings) are stored once. Header metadata:
+                             {"format": "mixq", "quant_config_sha256": sha256 of the canonical
+                             JSON (`_meta_sha256`) of quant_config.json without its
+                             "safetensors" entry}.
     DIR/quant_config.json    {"format": "mixq", "mixq_version",
                               "quant_config" (QuantConfig.to_dict),
                               "model_config" (the HF config dict), "dtype" (of the float weights),
@@ -18,25 +21,45 @@ Layout of a saved directory::
                               "wrappers": {name: K, N} of RotatedInputLinear (online rotations),
                               "aliases": {name: stored name}, "safetensors": {file, bytes, sha256}}
 
-`load_quantized` rebuilds the float architecture (from the saved HF config, or `model_factory`),
-swaps in empty quantized modules with the saved attributes, loads every tensor strictly, then
-re-applies what the saved QuantConfig turns on beyond the linears (quantized attention, fused
-norms: `mixq.api.apply_full_architecture`; neither adds tensors, a fused norm keeps the norm's
-state_dict keys): the logits equal those of the saved model bit for bit (same tensors, same
-code path). The KV cache spec travels in the config (`mixq.api.make_cache`). Any
-missing file, size or sha256 mismatch (truncated / corrupted file), unknown module class,
-config mismatch, missing/unexpected tensor or wrong shape raises ValueError.
+The two files cover each other: the JSON records the size and sha256 of the safetensors file,
+whose header records the sha256 of the rest of the JSON, so an edit of either file (a module
+attribute such as ``n_outliers`` / ``act_bits`` / ``dtype``, the QuantConfig, the model
+config) is refused on load. `save_quantized` never replaces an existing checkpoint unless
+asked (``overwrite=True``) and writes each file under a temporary name first, so a crash leaves
+no truncated file under the real names.
+
+`load_quantized` rebuilds the float architecture (from the saved HF config, or `model_factory`,
+whose config must equal the saved one up to fields that do not change the function),
+swaps in empty quantized modules with the saved attributes (each checked against its tensors:
+`_check_module`), loads every tensor strictly (float tensors keep the dtype they were saved
+in), then re-applies what the saved QuantConfig turns on beyond the linears (quantized
+attention, fused norms: `mixq.api.apply_full_architecture`; neither adds tensors, a fused norm
+keeps the norm's state_dict keys): the logits equal those of the saved model bit for bit (same
+tensors, same code path). The KV cache spec travels in the config (`mixq.api.make_cache`).
+Any missing file, size or sha256 mismatch (truncated / corrupted / edited file), unknown module
+class, attribute that contradicts the tensors, config mismatch, missing/unexpected tensor or
+wrong shape raises ValueError.
+
+Files written before the JSON checksum existed (no ``quant_config_sha256`` in the header) still
+load; for them only the safetensors file is covered, so what no tensor shows cannot be proven:
+a W4A4 module's ``act_bits`` within 2..8, a weight spec's ``bits`` (<= 4) and other fields
+of equal block layout, the QuantConfig fields beyond the module attributes (attention,
+kv_cache, fuse_norm, methods) and model-config fields that no tensor shape reflects
+(``rope_theta``, ``rms_norm_eps``, ...).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mixq import nn as qnn
+from mixq import outliers as _outliers
 from mixq import quant
 from mixq.api import CONFIG_ATTR, apply_full_architecture
 from mixq.config import QuantConfig, QuantSpec, _spec_from_dict, _spec_to_dict
@@ -51,9 +74,20 @@ CONFIG_NAME = "quant_config.json"
 FORMAT = "mixq"
 _CLASSES = {c.__name__: c for c in (qnn.FP16Linear, qnn.W8A8Linear, qnn.W4A16Linear,
                                      qnn.W4A4Linear)}
-#: Model config fields that must agree between the saved model and `model_factory`'s model.
-_KEY_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
-               "intermediate_size", "ffn_dim", "num_attention_heads", "num_key_value_heads")
+#: Header metadata key of model.safetensors: sha256 of the canonical quant_config.json.
+META_SHA_KEY = "quant_config_sha256"
+#: Model config fields that do not change what the model computes: ignored when the saved config
+#: is compared with `model_factory`'s (so are names starting with `_IGNORED_PREFIXES`, and
+#: ``tie_word_embeddings`` when ``quantize_lm_head`` untied the head).
+_IGNORED_CONFIG = frozenset({"transformers_version", "_name_or_path", "_commit_hash",
+                             "architectures", "dtype", "torch_dtype", "use_cache",
+                             "return_dict"})
+_IGNORED_PREFIXES = ("_attn_implementation", "_experts_implementation", "output_")
+#: Attributes each module class saves besides in_features / out_features (`_module_entry`);
+#: ``use_kernels`` may be saved too (a runtime switch, set by hand).
+_MODULE_ATTRS = {"FP16Linear": {"dtype"}, "W8A8Linear": {"weight_spec"},
+                 "W4A16Linear": {"weight_spec", "k_padded"},
+                 "W4A4Linear": {"weight_spec", "k_padded", "act_bits", "n_outliers", "k_regular"}}
 
 
 def _version() -> str:
@@ -104,29 +138,195 @@ def _empty_module(name: str, entry: dict) -> qnn.QuantLinearBase:
     for k, v in entry.get("attrs", {}).items():
         setattr(m, k, _decode_attr(v))
     for k in ("in_features", "out_features"):
-        if not isinstance(getattr(m, k, None), int):
-            raise ValueError(f"{CONFIG_NAME}: module {name!r} lacks an int {k}")
+        v = getattr(m, k, None)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{CONFIG_NAME}: module {name!r} lacks a positive int {k}")
+    want = _MODULE_ATTRS[type(m).__name__] | {"in_features", "out_features"}
+    have = set(entry.get("attrs", {}))
+    if want - have or have - want - {"use_kernels"}:
+        raise ValueError(f"{CONFIG_NAME}: module {name!r} ({type(m).__name__}) has attributes "
+                         f"{sorted(have)}, expected {sorted(want)}: edited or corrupted file")
     return m
 
 
+def _check_module(name: str, m: qnn.QuantLinearBase) -> None:
+    """The saved attributes of a quantized module against its tensors, before loading them.
+
+    With K = in_features, N = out_features, spec = weight_spec, b = its block width along K
+    (group size, tile width, else 1): FP16Linear ``weight`` (N, K) and ``bias`` in ``dtype``
+    (float16 / bfloat16); W8A8Linear spec int8 symmetric "row", ``w_q`` int8 (N, K),
+    ``w_scale`` fp16 (N, 1); int4 modules ``k_padded == ceil(Kq / b) * b`` (Kq = K, or
+    ``k_regular`` for W4A4), ``w_packed`` uint8 (N, ceil(k_padded / 2)), ``w_scale`` fp16 of
+    `quant.scale_shape` (Np, k_padded) (Np: N rounded up to the tile height), ``w_zero``
+    exactly for asymmetric specs (shape of ``w_scale``); W4A4Linear a symmetric spec,
+    ``act_bits`` in 2..8, ``n_outliers == outlier_idx.numel() == w_out.shape[1]`` < K,
+    ``k_regular == K - n_outliers``, ``outlier_idx`` int64 ascending in [0, K) and ``perm`` int64
+    (K,) equal to ``outliers.outlier_permutation(K, outlier_idx)``; ``bias`` (N,) or None. One
+    pass over the small index tensors (load time only).
+
+    Raises:
+        ValueError: naming the module and the attribute or tensor that does not fit.
+    """
+    cls = type(m).__name__
+
+    def fail(what: str):
+        return ValueError(f"{CONFIG_NAME}: module {name!r} ({cls}) {what}: edited or corrupted "
+                          "file")
+
+    def tensor(buf: str, dtypes, shape) -> torch.Tensor:
+        t = m._buffers.get(buf)
+        if t is None:
+            raise fail(f"has no tensor {buf}")
+        dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+        if t.dtype not in dtypes or tuple(t.shape) != tuple(shape):
+            raise fail(f"needs {buf} of shape {tuple(shape)} and dtype "
+                       f"{'/'.join(str(d).removeprefix('torch.') for d in dtypes)}, the file "
+                       f"has {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}")
+        return t
+
+    def int_attr(attr: str, lo: int, hi: int) -> int:
+        v = getattr(m, attr, None)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise fail(f"has {attr}={v!r}, needs an int in [{lo}, {hi}]")
+        return v
+
+    k_in, n = m.in_features, m.out_features
+    bias_dtype = torch.float16
+    if isinstance(m, qnn.FP16Linear):
+        if m.dtype not in (torch.float16, torch.bfloat16):
+            raise fail(f"has dtype {m.dtype!r}, needs torch.float16 or torch.bfloat16")
+        tensor("weight", m.dtype, (n, k_in))
+        bias_dtype = m.dtype
+    else:
+        spec = getattr(m, "weight_spec", None)
+        if not isinstance(spec, QuantSpec):
+            raise fail(f"has weight_spec {spec!r}, needs a QuantSpec")
+        if isinstance(m, qnn.W8A8Linear):
+            if (spec.bits, spec.symmetric, spec.granularity) != (8, True, "row"):
+                raise fail(f"has weight_spec {spec.describe()}, needs int8-sym-row")
+            tensor("w_q", torch.int8, (n, k_in))
+            tensor("w_scale", torch.float16, (n, 1))
+        else:
+            if spec.bits > 4 or (isinstance(m, qnn.W4A4Linear) and not spec.symmetric):
+                raise fail(f"has weight_spec {spec.describe()}, needs "
+                           f"{'symmetric ' if isinstance(m, qnn.W4A4Linear) else ''}bits <= 4")
+            k_q = k_in
+            if isinstance(m, qnn.W4A4Linear):
+                int_attr("act_bits", 2, 8)
+                n_out = int_attr("n_outliers", 0, k_in - 1)
+                k_q = int_attr("k_regular", 1, k_in)
+                if k_q != k_in - n_out:
+                    raise fail(f"has k_regular={k_q} but in_features - n_outliers = "
+                               f"{k_in - n_out}")
+                idx = tensor("outlier_idx", torch.int64, (n_out,))
+                perm = tensor("perm", torch.int64, (k_in,))
+                tensor("w_out", torch.float16, (n, n_out))
+                try:
+                    want = _outliers.outlier_permutation(k_in, idx)
+                except ValueError as e:
+                    raise fail(f"has outlier_idx that {e}") from None
+                if (n_out > 1 and not bool((idx[1:] > idx[:-1]).all())) or \
+                        not torch.equal(perm, want.to(perm.device)):
+                    raise fail("has perm / outlier_idx that are not the outlier permutation of "
+                               "its ascending outlier channels")
+            block = spec.block_cols
+            kp = int_attr("k_padded", 1, 1 << 62)
+            if kp != math.ceil(k_q / block) * block:
+                raise fail(f"has k_padded={kp}, but {k_q} int4 columns in blocks of {block} "
+                           f"({spec.describe()}) give {math.ceil(k_q / block) * block}")
+            tensor("w_packed", torch.uint8, (n, (kp + 1) // 2))
+            rows = (math.ceil(n / spec.tile[0]) * spec.tile[0] if spec.granularity == "tile"
+                    else n)
+            scale = tensor("w_scale", torch.float16, quant.scale_shape((rows, kp), spec))
+            zero = m._buffers.get("w_zero")
+            if spec.symmetric and zero is not None:
+                raise fail(f"has a w_zero but a symmetric weight_spec {spec.describe()}")
+            if not spec.symmetric:
+                tensor("w_zero", (torch.uint8, torch.int8), tuple(scale.shape))
+    if m._buffers.get("bias") is not None:
+        tensor("bias", bias_dtype, (n,))
+
+
 # ------------------------------------------------------------------------------- save
-def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
+def _meta_sha256(meta: dict) -> str:
+    """sha256 of the canonical JSON of `meta` without its "safetensors" entry: `meta` as JSON
+    reads it back (``default=str`` for other objects), ``sort_keys``, separators ``(",", ":")``,
+    ASCII; what model.safetensors' header records as ``quant_config_sha256``."""
+    import hashlib
+
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k != "safetensors"},
+                                 default=str))
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _float_dtypes(tensors: dict[str, torch.Tensor], modules) -> list[torch.dtype]:
+    """Dtypes of the float ``*.weight`` tensors outside the quantized `modules`, in order
+    (``[torch.float32]`` when there is none): the save's "dtype" is the first; on load it
+    must be one of them."""
+    found = [t.dtype for k, t in tensors.items() if t.is_floating_point()
+             and k.split(".")[-1] == "weight" and k.rsplit(".", 1)[0] not in modules]
+    return found or [torch.float32]
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file (or, on POSIX, a directory's entries) to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:                              # e.g. directories on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike, *,
+                   overwrite: bool = False) -> Path:
     """Write `model` (quantized by `mixq.quantize`) to `directory` (created if needed).
+
+    Each file is written under a temporary name in `directory` (``.model.safetensors.<id>.tmp``,
+    ``.quant_config.json.<id>.tmp``), flushed to disk, and renamed into place only when both
+    are complete: a crash or an error part-way never leaves a truncated file under the real
+    names, and an existing checkpoint (with ``overwrite=True``) is replaced only by complete new
+    files. Between the two renames (weights first) a crash leaves new weights with the old JSON,
+    which `load_quantized` refuses (sha256 mismatch) rather than mixing them.
 
     Args:
         model: a Hugging Face causal LM with ``model.mixq_config`` set by `mixq.quantize`.
-        directory: output folder; existing files of the same names are overwritten.
+        directory: output folder.
+        overwrite: replace an existing model.safetensors / quant_config.json in `directory`
+            (default False: refuse; other files there are never touched).
     Returns:
         the directory as a Path.
+    Raises:
+        TypeError: `model` is not an nn.Module, or `overwrite` not a bool.
+        ValueError: `model` has no mixq_config.
+        FileExistsError: `directory` holds model.safetensors or quant_config.json (e.g. the
+            float model this one was quantized from) and ``overwrite`` is False, or is a file.
     """
     from safetensors.torch import save_file
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
     config = getattr(model, CONFIG_ATTR, None)
     if not isinstance(config, QuantConfig):
         raise ValueError("model has no mixq_config: quantize it with mixq.quantize first")
     out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory: pass a directory to "
+                              "save_quantized")
+    existing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if (out / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {' and '.join(existing)} (a saved model, e.g. the float "
+            f"checkpoint this model was quantized from): save_quantized would replace "
+            f"{'them' if len(existing) > 1 else 'it'}. Save to another directory, or pass "
+            f"overwrite=True to replace {'them' if len(existing) > 1 else 'it'}")
     out.mkdir(parents=True, exist_ok=True)
     modules = {n: _module_entry(m) for n, m in model.named_modules()
                if isinstance(m, qnn.QuantLinearBase)}
@@ -145,18 +345,29 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
             continue
         by_storage[ident] = key
         tensors[key] = t.detach().to("cpu").contiguous()
-    weights = out / WEIGHTS_NAME
-    save_file(tensors, str(weights), metadata={"format": FORMAT})
-    float_dtype = next((t.dtype for k, t in tensors.items() if t.is_floating_point()
-                        and k.split(".")[-1] == "weight" and k.rsplit(".", 1)[0] not in modules),
-                       torch.float32)
+    float_dtype = _float_dtypes(tensors, modules)[0]
     model_cfg = model.config.to_dict() if hasattr(model, "config") else {}
     meta = {"format": FORMAT, "mixq_version": _version(), "quant_config": config.to_dict(),
             "model_config": model_cfg, "dtype": str(float_dtype).removeprefix("torch."),
-            "modules": modules, "wrappers": wrappers, "aliases": aliases,
-            "safetensors": {"file": WEIGHTS_NAME, "bytes": weights.stat().st_size,
-                            "sha256": sha256_file(weights)}}
-    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+            "modules": modules, "wrappers": wrappers, "aliases": aliases}
+    tag = uuid.uuid4().hex[:12]
+    tmp_w, tmp_c = out / f".{WEIGHTS_NAME}.{tag}.tmp", out / f".{CONFIG_NAME}.{tag}.tmp"
+    try:
+        save_file(tensors, str(tmp_w), metadata={"format": FORMAT,
+                                                 META_SHA_KEY: _meta_sha256(meta)})
+        _fsync(tmp_w)
+        meta["safetensors"] = {"file": WEIGHTS_NAME, "bytes": tmp_w.stat().st_size,
+                               "sha256": sha256_file(tmp_w)}
+        with open(tmp_c, "x", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=1, sort_keys=True, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_w, out / WEIGHTS_NAME)
+        os.replace(tmp_c, out / CONFIG_NAME)
+        _fsync(out)
+    finally:
+        for tmp in (tmp_w, tmp_c):
+            tmp.unlink(missing_ok=True)
     return out
 
 
@@ -205,12 +416,48 @@ def _default_factory(model_cfg: dict) -> nn.Module:
     return AutoModelForCausalLM.from_config(hf_cfg)
 
 
-def _check_model_config(model: nn.Module, saved: dict) -> None:
+def _ignored_config_field(key: str, qconfig: QuantConfig) -> bool:
+    return (key in _IGNORED_CONFIG or key.startswith(_IGNORED_PREFIXES)
+            or (key == "tie_word_embeddings" and qconfig.quantize_lm_head))
+
+
+def _check_model_config(model: nn.Module, saved: dict, qconfig: QuantConfig, *,
+                        source: str = "model_factory's model") -> None:
+    """The model's whole config dict (``config.to_dict()``, through JSON as saved) equals the
+    saved one, but for the fields that do not change the function (`_IGNORED_CONFIG`,
+    `_IGNORED_PREFIXES`; ``tie_word_embeddings`` when ``quantize_lm_head``, which unties the
+    head); ValueError naming every other field that differs or is present on one side only."""
     have = model.config.to_dict() if hasattr(model, "config") else {}
-    bad = [f"{k}: saved {saved.get(k)!r}, model {have.get(k)!r}" for k in _KEY_FIELDS
-           if k in saved and saved.get(k) != have.get(k)]
+    have = json.loads(json.dumps(have, default=str))
+    missing = "<absent>"
+    bad = [f"{k}: saved {saved.get(k, missing)!r}, model {have.get(k, missing)!r}"
+           for k in sorted(set(saved) | set(have)) if not _ignored_config_field(k, qconfig)
+           and saved.get(k, missing) != have.get(k, missing)]
     if bad:
-        raise ValueError("model_factory's model does not match the saved config: " + "; ".join(bad))
+        raise ValueError(f"{source} does not match the saved model config in {CONFIG_NAME} "
+                         f"({len(bad)} field{'s' if len(bad) > 1 else ''}; the quantized "
+                         f"weights were computed for the saved one): " + "; ".join(bad))
+
+
+def _check_meta_sha(path: Path, cfg_path: Path, meta: dict) -> None:
+    """quant_config.json against the ``quant_config_sha256`` of model.safetensors' header
+    (files written before it existed have none: nothing to check)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} cannot be read as safetensors: {e}") from None
+    want = header.get(META_SHA_KEY)
+    if want is None:
+        return
+    got = _meta_sha256(meta)
+    if got != want:
+        raise ValueError(f"{cfg_path} does not match the {META_SHA_KEY} recorded in {path} "
+                         f"(sha256 {got}, recorded {want}): the JSON was edited or corrupted "
+                         "after saving (module attributes, quant_config and model_config must "
+                         "stay as saved); restore it or save the model again")
 
 
 def _check_legacy_w_q(path: Path, name: str, m: qnn.QuantLinearBase,
@@ -242,31 +489,44 @@ def load_quantized(directory: str | os.PathLike, *, model_factory=None,
         directory: the folder with model.safetensors and quant_config.json.
         model_factory: None (build the architecture from the saved HF config with random
             weights; every tensor is then overwritten) or a no-argument callable returning the
-            float model of the same architecture (e.g. ``lambda: from_pretrained(path)``).
+            float model of the same architecture (e.g. ``lambda: from_pretrained(path)``),
+            whose ``config.to_dict()`` must equal the saved model config in every field that
+            can change the function (all but `_IGNORED_CONFIG` / `_IGNORED_PREFIXES`, and
+            ``tie_word_embeddings`` when the head was quantized): another ``rope_theta`` or
+            ``rms_norm_eps`` is refused, not loaded with wrong logits.
         device: where the loaded tensors go.
     Returns:
         the quantized model in eval mode, with ``mixq_config`` set and the config's quantized
         attention / fused norms switched on (`mixq.api.apply_full_architecture`).
     Raises:
-        ValueError: missing/corrupted/truncated file, bad JSON, unknown module class, config or
-            tensor-shape mismatch, missing or unexpected tensors.
+        ValueError: missing/corrupted/truncated/edited file (size, sha256 of either file), bad
+            JSON, unknown module class, module attributes that contradict the tensors
+            (`_check_module`), model config mismatch (naming every differing field),
+            tensor-shape or dtype-kind mismatch, missing or unexpected tensors.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
     meta = _read_meta(directory)
-    qconfig = QuantConfig.from_dict(meta["quant_config"])
     path = _check_file(directory, meta["safetensors"])
+    _check_meta_sha(path, directory / CONFIG_NAME, meta)
+    qconfig = QuantConfig.from_dict(meta["quant_config"])
     try:
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} cannot be read as safetensors: {e}") from None
     dtype = _decode_attr({"__dtype__": meta["dtype"]})
+    found = _float_dtypes(tensors, meta["modules"])
+    if dtype not in found:
+        raise ValueError(f"{CONFIG_NAME} records dtype {meta['dtype']!r} but the float weights in "
+                         f"{path} are {sorted({str(d) for d in found})}: edited or corrupted file")
     model = model_factory() if model_factory is not None else _default_factory(meta["model_config"])
     if not isinstance(model, nn.Module):
         raise ValueError(f"model_factory must return an nn.Module, got {type(model).__name__}")
-    _check_model_config(model, meta["model_config"])
+    _check_model_config(model, meta["model_config"], qconfig,
+                        source=("model_factory's model" if model_factory is not None
+                                else "the model built from model_config"))
     model.to(device=device, dtype=dtype)
     for name in sorted(meta.get("wrappers", {})):          # online input rotations
         try:
@@ -296,6 +556,7 @@ def load_quantized(directory: str | os.PathLike, *, model_factory=None,
                 if key not in tensors:
                     raise ValueError(f"{path} lacks tensor {key!r}")
                 m.register_buffer(buf, tensors[key])
+        _check_module(name, m)
         try:
             old = model.get_submodule(name)
         except AttributeError:
@@ -317,6 +578,13 @@ def load_quantized(directory: str | os.PathLike, *, model_factory=None,
               for k, v in expected.items() if tuple(v.shape) != tuple(tensors[k].shape)]
     if shapes:
         raise ValueError("tensor shapes do not match the model: " + "; ".join(shapes[:5]))
+    kinds = [f"{k}: file {tensors[k].dtype}, model {v.dtype}" for k, v in expected.items()
+             if v.is_floating_point() != tensors[k].is_floating_point()]
+    if kinds:
+        raise ValueError("tensor dtypes do not match the model: " + "; ".join(kinds[:5]))
+    for k, v in model.state_dict(keep_vars=True).items():   # float tensors keep the saved dtype
+        if v.is_floating_point() and v.dtype != tensors[k].dtype:
+            v.data = v.data.to(tensors[k].dtype)
     model.load_state_dict(tensors, strict=True)
     setattr(model, CONFIG_ATTR, qconfig)
     model.eval()

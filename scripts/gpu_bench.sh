@@ -35,11 +35,7 @@ run_bench() {
   if [ "$(cat "$OUT/w4a4_persistent_ok" 2>/dev/null)" = "0" ]; then
     export MIXQ_W4A4_PERSISTENT=0; echo "persistent W4A4 configs disabled (see variants stage)"
   fi
-  if [ -f mixq/__main__.py ]; then
-    timeout "${BENCH_TIMEOUT:-420}" python -m mixq bench "${args[@]}"
-  else
-    timeout "${BENCH_TIMEOUT:-420}" python -c "import sys, mixq.bench as b; sys.exit(b.main(sys.argv[1:]))" "${args[@]}"
-  fi
+  timeout "${BENCH_TIMEOUT:-420}" python -m mixq bench "${args[@]}"
 }
 
 run_variants() {

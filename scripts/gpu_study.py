@@ -6,8 +6,8 @@ Run 2 also timed an even/odd-halves W4A16 decode kernel that was then dropped (2
 the current decode kernels; scripts/KERNEL_NOTES.md, results/study/study_run2_h100.json).
 
 Each section times candidate variants side by side with the peers in the bench's harness
-(`mixq.bench._time_ms`: CUDA graph replays under do_bench, median) and writes one JSON row per
-variant to OUT_DIR/study.json (rewritten after every row, so a timeout keeps what ran).
+(`mixq.experiments.common.cuda_time_ms`: CUDA graph replays under do_bench, median) and writes
+one JSON row per variant to OUT_DIR/study.json (rewritten after every row, so a timeout keeps what ran).
 Findings and predictions live in scripts/KERNEL_NOTES.md.
 """
 import json
@@ -18,7 +18,8 @@ import time
 import torch
 import triton
 
-from mixq import bench as B
+from mixq.experiments import bench_gemm as B
+from mixq.experiments.common import Timing, cuda_time_ms
 from mixq.kernels import act_quant as AQ
 from mixq.kernels import w4a4 as W
 from mixq.kernels import w4a16 as W16
@@ -29,7 +30,7 @@ DRY = os.environ.get("STUDY_DRY") == "1"     # CPU dry run under TRITON_INTERPRE
 DEV = "cpu" if DRY else "cuda"
 T0 = time.time()
 ROWS = []
-TIMING = B._Timing(warmup_ms=10, rep_ms=40)
+TIMING = Timing(warmup_ms=10, rep_ms=40)
 SHAPES = {"8b.gate_up": (28672, 4096), "8b.down": (4096, 14336), "8b.o": (4096, 4096)}
 if DRY:
     SHAPES = {"tiny.a": (128, 256), "tiny.b": (64, 1664)}
@@ -50,7 +51,7 @@ def timed(fn):
         if DRY:
             fn()
             return 0.0, None
-        return B._time_ms([fn], TIMING)[0], None
+        return cuda_time_ms([fn], TIMING)[0], None
     except Exception as e:  # noqa: BLE001 - a variant that fails to compile is a finding
         return None, repr(e)[:300]
 
@@ -193,7 +194,7 @@ def study_decode():
         wp = pack_int4(wq)
         s = (torch.rand(n, k // 128, device=DEV) * 0.01 + 1e-3).half()
         try:
-            wt = B._tinygemm_weight((wq.float() * 0.01).to(torch.bfloat16))
+            wt = B.tinygemm_weight((wq.float() * 0.01).to(torch.bfloat16))
         except Exception:  # noqa: BLE001 - CUDA-only op (dry run)
             wt = None
         for m, cands, regime in ((1, gemv, "gemv"), (16, dec, "decode")):
@@ -216,7 +217,7 @@ def study_decode():
 
 # ---------------------------------------------------------------------------- act-quant bandwidth
 def study_quant():
-    bw = 1.0 if DRY else B._copy_bandwidth(TIMING)
+    bw = 1.0 if DRY else B.copy_bandwidth(TIMING)
     record("quant", "-", 0, "copy bandwidth GB/s", None, gbps=bw)
     import triton as _t
     cands = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 2), (2, 4)]   # run 1 swept (1..16) x (4, 8, 16)

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mixq import bench as B
+from mixq.experiments import bench_gemm as B
+from mixq.experiments.common import Timing, cuda_time_ms
 from mixq.kernels.pack import cast_rne, round_half_even
 
 OUT = sys.argv[1]
@@ -82,8 +83,8 @@ def launch(x, ko, div, bm, warps):
 
 
 rows = []
-timing = B._Timing(warmup_ms=10, rep_ms=40)
-bw = 1.0 if DRY else B._copy_bandwidth(timing)
+timing = Timing(warmup_ms=10, rep_ms=40)
+bw = 1.0 if DRY else B.copy_bandwidth(timing)
 print("copy GB/s", bw, flush=True)
 shapes = [(2048, 4096), (8192, 4096), (2048, 8192)] if not DRY else [(37, 300)]
 for m, k in shapes:
@@ -96,7 +97,7 @@ for m, k in shapes:
     for div in (0, 1, 2):
         for bm, warps in ((1, 4), (1, 8), (2, 8)):
             fn = lambda: launch(x, ko, div, bm, warps)  # noqa: E731
-            t = 0.0 if DRY else B._time_ms([fn], timing)[0]
+            t = 0.0 if DRY else cuda_time_ms([fn], timing)[0]
             got = fn()
             same = all(torch.equal(a, b) for a, b in zip(got, ref))
             pct = None if DRY else nbytes / (t * 1e-3) / 1e9 / bw

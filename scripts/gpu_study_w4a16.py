@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixq import bench as B
+from mixq.experiments.common import Timing, cuda_time_ms
 from mixq.kernels import w4a4 as W
 from mixq.kernels import w4a16 as W16
 from mixq.quant import pack_int4
@@ -27,7 +27,7 @@ from mixq.quant import pack_int4
 OUT = sys.argv[1]
 DRY = os.environ.get("STUDY_DRY") == "1"
 DEV = "cpu" if DRY else "cuda"
-TIMING = B._Timing(warmup_ms=10, rep_ms=40)
+TIMING = Timing(warmup_ms=10, rep_ms=40)
 ROWS = []
 T0 = time.time()
 
@@ -91,7 +91,7 @@ def timed(fn):
         fn()
         return 0.0
     try:
-        return B._time_ms([fn], TIMING)[0]
+        return cuda_time_ms([fn], TIMING)[0]
     except Exception as e:  # noqa: BLE001
         print("failed:", repr(e)[:300], flush=True)
         return None

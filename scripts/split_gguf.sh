@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-GGUF=$(python3 -c "from mixq.llm import fetch_smollm2; print(fetch_smollm2())")
+GGUF=$(python3 -c "from mixq.hf.loading import fetch_smollm2; print(fetch_smollm2())")
 echo "gguf: $GGUF"
 echo "$SHA  $GGUF" | sha256sum -c -
 DATA=$(python3 -c "from mixq.data import find_data; print(find_data('wikitext-2-raw').parent)")

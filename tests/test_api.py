@@ -1,5 +1,6 @@
 """mixq.api.quantize and mixq.config.QuantConfig on stories260k and a tiny random OPT."""
 import copy
+import dataclasses
 import json
 import math
 
@@ -247,3 +248,162 @@ def test_quantize_linear_qweight(seed):
                         act_bits=4, qweight=qt)     # 30 int4 columns -> Kp = 32, not 96
     with pytest.raises(ValueError, match="W4A16"):
         quantize_linear(lin, "w4a16", weight_spec=cfg.w, outlier_idx=idx)
+
+
+# ------------------------------------------------------------------------------- refused up front
+def _snapshot(model):
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _assert_untouched(model, snap):
+    mods, state = snap
+    assert [(n, type(m)) for n, m in model.named_modules()] == mods
+    now = model.state_dict()
+    assert set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
+    for attr in ("mixq_config", "mixq_report", "mixq_layer_errors", "mixq_fused_norms"):
+        assert not hasattr(model, attr), attr
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(skip=("model.layers.9.*",)), r"skip patterns \['model.layers.9.\*'\] match no linear"),
+    (dict(skip=("model.layers.0",)), r"skip patterns \['model.layers.0'\].*'model.layers.3.\*'"),
+    (dict(skip=("*",)), "quantizes no linear"),
+    (dict(targets=("q",), skip=("*.q_proj",)), "quantizes no linear"),
+    (dict(quantize_lm_head=True, targets=("q",), skip=("*.q_proj", "lm_head")),
+     "quantizes no linear"),
+    (dict(layer_overrides={"*.mlp.fc1": QuantSpec(4, True, "row")}),
+     r"layer_overrides patterns \['\*.mlp.fc1'\] match no linear"),
+    (dict(layer_overrides={"*.down_proj": QuantSpec(8, True, "row"),
+                           "*.dwon_proj": QuantSpec(4, True, "row")}), r"\['\*.dwon_proj'\]"),
+], ids=["skip_no_layer", "skip_module_not_linear", "skip_all", "skip_all_targets",
+        "skip_all_with_head", "override_opt_name", "override_typo"])
+def test_patterns_that_match_nothing_are_refused(llama, kwargs, match):
+    snap = _snapshot(llama)
+    with pytest.raises(ValueError, match=match):
+        quantize(llama, QuantConfig(**kwargs), progress=False)
+    _assert_untouched(llama, snap)
+
+
+@pytest.mark.parametrize("targets, match", [
+    (("gate",), r"\['gate'\] match no linear of this 'opt'"), (("q", "gate"), r"\['gate'\]")])
+def test_targets_the_family_lacks_are_refused(tiny_opt, targets, match):
+    model = tiny_opt()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        quantize(model, QuantConfig(targets=targets), progress=False)
+    _assert_untouched(model, snap)
+    # the OPT names are aliases of o / up / down; all kinds (the default) need not all exist
+    quantize(model, QuantConfig(targets=("out", "fc1")), progress=False)
+    assert isinstance(model.model.decoder.layers[0].fc1, W4A4Linear)
+    assert isinstance(model.model.decoder.layers[0].fc2, nn.Linear)
+    quantize(tiny_opt(), QuantConfig(), progress=False)
+
+
+def test_patterns_of_other_linears_are_fine(llama):
+    """A pattern naming linears this config does not quantize (another kind, a skipped layer)
+    is not an error: e.g. an ablation variant of a config with overrides."""
+    cfg = QuantConfig(targets=("q",), skip=("*.down_proj", "model.layers.1.*"),
+                      layer_overrides={"model.layers.1.*": QuantSpec(8, True, "row"),
+                                       "*.mlp.*": QuantSpec(4, True, "row")})
+    quantize(llama, cfg, progress=False)
+    assert sorted(llama.mixq_report) == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 2, 3, 4)]
+
+
+def test_skip_applies_to_lm_head(llama):
+    quantize(llama, QuantConfig(quantize_lm_head=True, skip=("lm_head",)), progress=False)
+    assert type(llama.lm_head) is nn.Linear and "lm_head" not in llama.mixq_report
+    assert llama.lm_head.weight is llama.model.embed_tokens.weight
+
+
+def test_gptq_with_8bit_override_refused_before_any_layer(llama, seed):
+    """GPTQ's int4 weights cannot become an 8-bit (W8A8) override: refused by the builder,
+    now before layer 0 instead of at layer 1 with layer 0 already swapped."""
+    methods = pytest.importorskip("mixq.methods")
+    ids = torch.randint(0, 512, (2, 16))
+    snap = _snapshot(llama)
+    cfg = QuantConfig(methods=(methods.GPTQ(),),
+                      layer_overrides={"*.layers.1.mlp.down_proj": QuantSpec(8, True, "row")})
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj: W8A8 takes no "
+                                         r"method-quantized.*model is unchanged.*GPTQ"):
+        quantize(llama, cfg, ids, progress=False)
+    _assert_untouched(llama, snap)
+    quantize(llama, QuantConfig(methods=(methods.GPTQ(),)), ids, progress=False)  # still usable
+
+
+def test_weight_quantizer_selection_is_respected(llama, seed):
+    """AdaRound only on q: an 8-bit override of down_proj is fine (no false refusal)."""
+    methods = pytest.importorskip("mixq.methods")
+    ids = torch.randint(0, 512, (2, 16))
+    cfg = QuantConfig(methods=(methods.AdaRound(n_steps=2, kinds=("q",)),),
+                      layer_overrides={"*.down_proj": QuantSpec(8, True, "row")})
+    quantize(llama, cfg, ids, progress=False)
+    assert isinstance(llama.model.layers[2].mlp.down_proj, W8A8Linear)
+    assert llama.mixq_report["model.layers.2.self_attn.q_proj"]["method_weights"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _EditThenFail:
+    """A method that edits float weights and norms in place (as transforms do) on every layer
+    and fails at layer `at`."""
+
+    at: int = 2
+    error: type = RuntimeError
+
+    def apply(self, ctx):
+        with torch.no_grad():
+            for g in ctx.groups:
+                for lin in g.linears:
+                    lin.weight.mul_(2)
+                if g.prev_norm is not None:
+                    g.prev_norm.weight.add_(1)
+            ctx.groups[0].linears[0].bias = nn.Parameter(torch.ones(
+                ctx.groups[0].linears[0].out_features))
+        if ctx.index == self.at:
+            raise self.error("failed part-way")
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_failure_part_way_restores_the_model(llama, float_llama, error, seed):
+    ids = torch.randint(0, 512, (2, 16))
+    snap = _snapshot(llama)
+    with pytest.raises(error, match="failed part-way"):
+        quantize(llama, QuantConfig(methods=(_EditThenFail(error=error),)), ids, progress=False)
+    _assert_untouched(llama, snap)
+    assert llama.model.layers[0].self_attn.q_proj.bias is None
+    quantize(llama, QuantConfig(), progress=False)
+    fresh = quantize(copy.deepcopy(float_llama), QuantConfig(), progress=False)
+    assert torch.equal(llama(ids).logits, fresh(ids).logits)
+
+
+def test_method_decided_refusal_restores_the_model(llama, seed):
+    """LayerwiseQuant's 8-bit choice for layer 3 + GPTQ can only fail at layer 3 (the method
+    decides per layer); SmoothQuant edited the norms of layers 0-3 by then: all restored."""
+    methods = pytest.importorskip("mixq.methods")
+    ids = torch.randint(0, 512, (2, 16))
+    snap = _snapshot(llama)
+    cfg = QuantConfig(methods=(methods.SmoothQuant(), methods.LayerwiseQuant(layers=(3,)),
+                               methods.GPTQ()))
+    with pytest.raises(ValueError, match="model.layers.3.mlp.down_proj: W8A8"):
+        quantize(llama, cfg, ids, progress=False)
+    _assert_untouched(llama, snap)
+
+
+def test_failure_after_the_head_restores_head_attention_and_norms(llama, monkeypatch, seed):
+    import mixq.api as api
+    from mixq.config import AttentionQuantConfig
+
+    snap = _snapshot(llama)
+    impl = llama.config._attn_implementation
+
+    def boom(model):
+        raise RuntimeError("fusing failed")
+    monkeypatch.setattr(api, "fuse_norm_quant", boom)
+    cfg = QuantConfig(quantize_lm_head=True, attention=AttentionQuantConfig(), fuse_norm=True)
+    with pytest.raises(RuntimeError, match="fusing failed"):
+        quantize(llama, cfg, progress=False)
+    _assert_untouched(llama, snap)
+    assert llama.lm_head.weight is llama.model.embed_tokens.weight
+    assert llama.config.tie_word_embeddings is True
+    assert llama.config._attn_implementation == impl
+    assert not any(hasattr(m, "mixq_attention_config") for m in llama.modules())

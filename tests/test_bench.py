@@ -1,14 +1,16 @@
-"""mixq.bench formatting and argument logic with fake timings (nothing is timed here)."""
+"""mixq.experiments.bench_gemm formatting and argument logic with fake timings (nothing is
+timed here)."""
 import json
 import random
 
 import pytest
 
-from mixq import bench
+from mixq.experiments import bench_gemm as bench
+from mixq.experiments.common import write_results
 
 
 def _meta():
-    return {"gpu": "FakeGPU 80GB", "torch": "2.x", "triton": "3.x", "cuda": "13.0",
+    return {"device_name": "FakeGPU 80GB", "torch": "2.x", "triton": "3.x", "cuda": "13.0",
             "copy_bandwidth_gbs": 3000.0}
 
 
@@ -65,34 +67,35 @@ def test_markdown_and_json_roundtrip(tmp_path, seed):
     assert len(table) == 1 + len(rows)
     assert "73% of copy BW" in md and "unavailable: RuntimeError" in md
     path = tmp_path / "out" / "gemm.json"
-    bench.write_json(str(path), rows, meta)
+    write_results(path, rows, meta)
     data = json.loads(path.read_text())
-    assert data["meta"]["gpu"] == "FakeGPU 80GB"
-    required = {"gpu", "shape", "N", "K", "M", "mode", "time_ms", "speedup_vs_bf16",
+    assert json.loads((tmp_path / "out" / "gemm.meta.json").read_text())["device_name"] == \
+        "FakeGPU 80GB"
+    required = {"device_name", "shape", "N", "K", "M", "mode", "time_ms", "speedup_vs_bf16",
                 "rel_err_vs_bf16", "torch", "triton"}
-    assert all(required <= set(r) for r in data["rows"])
-    assert data["rows"] == rows
+    assert all(required <= set(r) for r in data)
+    assert data == rows
 
 
 def test_parse_args_and_shapes():
-    a = bench.parse_args(["gemm", "--shapes", "8b.gate_up,1b", "--m", "3,2048",
+    a = bench.parse_args(["--shapes", "8b.gate_up,1b", "--m", "3,2048",
                           "--json", "x.json", "--modes", "mixq_w4a4,bf16"])
     assert a.shape_list[0] == ("8b.gate_up", 28672, 4096)
     assert [s[0] for s in a.shape_list[1:]] == ["1b.qkv", "1b.o", "1b.gate_up", "1b.down",
                                                "1b.lm_head"]
     assert a.m_list == [3, 2048] and a.json == "x.json"
     assert a.mode_list == ["bf16", "mixq_w4a4"]
-    q = bench.parse_args(["gemm", "--quick"])
+    q = bench.parse_args(["--quick"])
     assert q.m_list == list(bench.QUICK_M) and len(q.shape_list) == 9
-    assert bench.parse_args(["gemm"]).m_list == list(bench.DEFAULT_M)
+    assert bench.parse_args([]).m_list == list(bench.DEFAULT_M)
     with pytest.raises(ValueError, match="unknown model"):
         bench.select_shapes("70b")
     with pytest.raises(ValueError, match="no layer"):
         bench.select_shapes("8b.lm_head")
     with pytest.raises(ValueError, match="--m"):
-        bench.parse_args(["gemm", "--m", "1,x"])
+        bench.parse_args(["--m", "1,x"])
     with pytest.raises(SystemExit):
-        bench.parse_args(["gemm", "--modes", "fp4"])
+        bench.parse_args(["--modes", "fp4"])
 
 
 @pytest.mark.parametrize("k,expected", [(2048, 16), (4096, 48), (8192, 80), (14336, 144),

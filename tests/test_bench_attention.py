@@ -1,4 +1,4 @@
-"""mixq.bench_attention: spec / CLI validation, speedup bookkeeping, and one smoke run (the CPU
+"""mixq.experiments.bench_attention: spec / CLI validation, speedup bookkeeping, and one smoke run (the CPU
 configuration under the Triton interpreter) that writes JSON + Markdown. No speed is asserted."""
 import json
 import math
@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from mixq import bench_attention as ba
+from mixq.experiments import bench_attention as ba
+from mixq.experiments.common import read_results
 
-pytest.importorskip("transformers")          # mixq.kv_cache builds on transformers' Cache
+pytest.importorskip("transformers")          # mixq.hf.kv_cache builds on transformers' Cache
 
 
 def test_spec_defaults_and_names():
@@ -46,16 +47,17 @@ def test_spec_rejects_bad_dtype():
 
 
 @pytest.mark.parametrize("argv", [
-    ["attention", "--contexts", "0"],
-    ["attention", "--contexts", "64,-8"],
-    ["attention", "--contexts", "a,b"],
-    ["attention", "--head-dim", "15"],
-    ["attention", "--heads", "4", "--kv-heads", "3"],
-    ["attention", "--decode-batches", "0"],
-    ["attention", "--phases", "warmup"],
-    ["attention", "--repeats", "0"],
-    ["attention", "--kv-bits", "3"],
-    ["attention", "--dtype", "int8"],
+    ["--contexts", "0"],
+    ["--contexts", "64,-8"],
+    ["--contexts", "a,b"],
+    ["--head-dim", "15"],
+    ["--heads", "4", "--kv-heads", "3"],
+    ["--decode-batches", "0"],
+    ["--phases", "warmup"],
+    ["--repeats", "0"],
+    ["--kv-bits", "3"],
+    ["--dtype", "int8"],
+    ["--dtype", "bfloat16"],
 ])
 def test_parse_args_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -65,7 +67,7 @@ def test_parse_args_errors(argv, capsys):
 
 
 def test_parse_args_smoke_defaults_and_overrides():
-    args = ba.parse_args(["attention", "--smoke"])
+    args = ba.parse_args(["--smoke"])
     assert args.smoke and args.spec == ba.smoke_spec()
     args = ba.parse_args(["--smoke", "--contexts", "48,96", "--heads", "8", "--kv-heads", "2",
                           "--head-dim", "32", "--decode-batches", "3", "--phases", "decode"])
@@ -110,10 +112,10 @@ def test_smoke_run_writes_json_and_markdown(tmp_path, device, seed):
     rows, meta = ba.run_attention_bench(spec, device=device, quick=True, repeats=1, seed=seed,
                                         json_path=str(json_path), md_path=str(md_path),
                                         progress=False)
-    data = json.loads(json_path.read_text())
-    assert set(data) == {"meta", "rows"} and data["rows"] == rows
-    assert data["meta"]["device"] == str(device) and data["meta"]["torch"] == torch.__version__
-    assert data["meta"]["triton"] and data["meta"]["target"]["text"] == meta["target"]["text"]
+    saved, saved_meta = read_results(json_path)
+    assert isinstance(json.loads(json_path.read_text()), list) and saved == rows
+    assert saved_meta["device"] == device.type and saved_meta["torch"] == torch.__version__
+    assert saved_meta["triton"] and saved_meta["target"]["text"] == meta["target"]["text"]
     assert [(r["phase"], r["impl"]) for r in rows] == \
         [("prefill", i) for i in ba.PREFILL_IMPLS] + [("decode", "sdpa"), ("decode", "mixq_kv4")]
     for r in rows:
@@ -133,10 +135,10 @@ def test_smoke_run_writes_json_and_markdown(tmp_path, device, seed):
 
 def test_main_decode_only(tmp_path, capsys):
     path = tmp_path / "out" / "a.json"
-    rc = ba.main(["attention", "--smoke", "--phases", "decode", "--contexts", "33",
+    rc = ba.main(["--smoke", "--phases", "decode", "--contexts", "33",
                   "--decode-batches", "2", "--repeats", "1", "--json", str(path)])
     assert rc == 0
-    rows = json.loads(path.read_text())["rows"]
+    rows = json.loads(path.read_text())
     assert [(r["phase"], r["batch"], r["impl"]) for r in rows] == \
         [("decode", 2, "sdpa"), ("decode", 2, "mixq_kv4")]
     assert "not measured" in capsys.readouterr().out          # 8192 was not run

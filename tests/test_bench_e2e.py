@@ -1,23 +1,14 @@
-"""mixq.bench_e2e on the tiny smoke Llama (CPU): rows, JSON + meta, CLI, errors. No speed is
-asserted: only that every phase ran and produced a positive finite throughput."""
+"""mixq.experiments.bench_e2e on the tiny smoke Llama (CPU): rows, JSON + meta, CLI, errors. No
+speed is asserted: only that every phase ran and produced a positive finite throughput."""
 import json
 import math
 
 import pytest
 import torch
 
-from mixq import bench_e2e, report
+from mixq.experiments import bench_e2e, report
 
 pytest.importorskip("transformers")
-
-
-def test_device_slug():
-    assert bench_e2e.device_slug("NVIDIA H100 80GB HBM3") == "h100"
-    assert bench_e2e.device_slug("NVIDIA H200") == "h200"
-    assert bench_e2e.device_slug("cpu") == "cpu"
-    assert bench_e2e.device_slug("Some Accelerator v2") == "some_accelerator_v2"
-    with pytest.raises(ValueError):
-        bench_e2e.device_slug("")
 
 
 def test_build_model_and_configs():
@@ -26,8 +17,12 @@ def test_build_model_and_configs():
     assert next(model.parameters()).dtype == torch.float32
     assert torch.get_default_dtype() == torch.float32             # restored
     assert bench_e2e.quant_config("bf16") is None
-    cfg = bench_e2e.quant_config("w4a4-o1")
+    cfg = bench_e2e.quant_config("w4a4-o1-salient")
     assert cfg.mode == "w4a4" and cfg.outlier_frac == 0.01 and cfg.outlier_strategy == "max"
+    full = bench_e2e.quant_config("w4a4-o1-salient+kv4+attn")
+    assert full.kv_cache is not None and full.attention is not None
+    assert [bench_e2e.quant_config(m) is None for m in bench_e2e.DEFAULT_MODES] == \
+        [True] + [False] * (len(bench_e2e.DEFAULT_MODES) - 1)
     with pytest.raises(ValueError, match="unknown model"):
         bench_e2e.build_model("gpt5")
     with pytest.raises(ValueError, match="layers"):
@@ -40,46 +35,44 @@ def test_build_model_and_configs():
 
 def test_run_e2e_tiny_rows_and_json(tmp_path, seed):
     path = tmp_path / "e2e_cpu.json"
-    modes = ["bf16", "w4a4-o1", "w4a4-o1-kv4"]
+    modes = ["bf16", "w4a4-o1-salient", "w4a4-o1-salient+kv4+attn"]
     rows, meta = bench_e2e.run_e2e(["tiny"], modes, prompt_len=16, decode_prompt_len=4,
                                    new_tokens=2, batches=(1, 2), repeats=1, device="cpu",
                                    json_path=path, progress=False)
-    kv4 = bench_e2e.kv4_cache_factory(bench_e2e.build_model("tiny")[0]) is not None
-    run_modes = modes if kv4 else modes[:2]
-    if not kv4:
-        assert any("w4a4-o1-kv4" in s for s in meta["skipped_modes"])
     assert [(r["mode"], r["phase"], r["batch"]) for r in rows] == \
-        [(m, p, b) for m in run_modes for p, b in (("prefill", 1), ("decode", 1), ("decode", 2))]
+        [(m, p, b) for m in modes for p, b in (("prefill", 1), ("decode", 1), ("decode", 2))]
     for r in rows:
         assert all(k in r for k in bench_e2e.REQUIRED_ROW_KEYS)
-        if r["mode"] == "w4a4-o1-kv4" and r.get("error"):
-            continue                          # the KV4 cache's API may not fit yet: reported
         assert not r.get("error"), r
         assert r["tokens_per_s"] > 0 and math.isfinite(r["tokens_per_s"])
         assert r["peak_mem_bytes"] is None     # CPU
         assert r["weight_bytes"] > 0
     wb = {r["mode"]: r["weight_bytes"] for r in rows}
-    assert wb["w4a4-o1"] < wb["bf16"]                                # int4 weights are smaller
+    assert wb["w4a4-o1-salient"] < wb["bf16"]                        # int4 weights are smaller
     assert json.loads(path.read_text()) == rows
     saved = json.loads((tmp_path / "e2e_cpu.meta.json").read_text())
     for k in ("device_name", "torch", "triton", "transformers"):
         assert saved[k] == meta[k] and k in saved
     table = report.e2e_table(rows, saved, "results/e2e_cpu.json")
-    assert f"Device: {saved['device_name']}" in table and "| tiny | w4a4-o1 | decode | 2 |" in table
+    assert f"Device: {saved['device_name']}" in table
+    assert "| tiny | w4a4-o1-salient | decode | 2 |" in table
 
 
 def test_cli_smoke_and_errors(tmp_path, capsys):
     path = tmp_path / "out" / "e2e.json"
-    rc = bench_e2e.main(["e2e", "--smoke", "--modes", "bf16,w4a16", "--batches", "1",
+    rc = bench_e2e.main(["--smoke", "--modes", "bf16,w4a16-g128", "--batches", "1",
                          "--prompt-len", "8", "--new-tokens", "2", "--json", str(path)])
     assert rc == 0
     rows = json.loads(path.read_text())
-    assert {r["mode"] for r in rows} == {"bf16", "w4a16"} and all(r["model"] == "tiny" for r in rows)
-    assert "| tiny | w4a16 |" in capsys.readouterr().out
+    assert {r["mode"] for r in rows} == {"bf16", "w4a16-g128"}
+    assert all(r["model"] == "tiny" for r in rows)
+    assert "| tiny | w4a16-g128 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        bench_e2e.main(["e2e", "--modes", "w2a2"])
+        bench_e2e.main(["--modes", "w2a2"])
     with pytest.raises(SystemExit):
-        bench_e2e.main(["e2e", "--batches", "0"])
+        bench_e2e.main(["--batches", "0"])
+    with pytest.raises(SystemExit):
+        bench_e2e.main(["--dtype", "bfloat16"])       # --dtype is fp16 | bf16 | fp32 everywhere
     with pytest.raises(ValueError, match="subset"):
         bench_e2e.run_e2e(["tiny"], [], device="cpu")
     with pytest.raises(ValueError, match="prompt_len"):

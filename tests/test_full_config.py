@@ -147,6 +147,10 @@ def test_make_cache_none_and_errors(llama, float_llama):
     assert llama.config._attn_implementation != "mixq"
     with pytest.raises(TypeError, match="check_finite"):
         make_cache(llama, check_finite=None)
+    cache = make_cache(llama, kv_cache=KVCacheSpec(bits=8, group_size=4))   # another spec
+    assert isinstance(cache, KV4Cache) and (cache.bits, cache.group_size) == (8, 4)
+    with pytest.raises(TypeError, match="KVCacheSpec"):
+        make_cache(llama, kv_cache={"bits": 4})
     with pytest.raises(TypeError, match="QuantConfig"):
         apply_full_architecture(llama, {"attention": None})
 
@@ -214,15 +218,28 @@ def test_full_round_trip_bit_exact(saved_full, seed):
     assert torch.equal(g1, g2) and isinstance(cache, KV4Cache) and cache.group_size == 8
 
 
+def _old_format(meta, tmp_path):
+    """Write `meta` with the weights as a save from before the JSON checksum: no
+    quant_config_sha256 in the safetensors header (the JSON still records the file's sha256)."""
+    from safetensors.torch import load_file, save_file
+
+    from mixq.io import sha256_file
+    weights = tmp_path / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "mixq"})
+    meta["safetensors"].update(bytes=weights.stat().st_size, sha256=sha256_file(weights))
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+
+
 def test_old_format_json_loads(saved_full, tmp_path, seed):
-    """A quant_config.json written before attention / kv_cache / fuse_norm existed."""
+    """A quant_config.json written before attention / kv_cache / fuse_norm existed (and so
+    before the JSON checksum)."""
     model, path = saved_full
     for name in (CONFIG_NAME, "model.safetensors"):
         (tmp_path / name).write_bytes((path / name).read_bytes())
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     for k in NEW_KEYS:
         del meta["quant_config"][k]
-    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    _old_format(meta, tmp_path)
     loaded = load_quantized(tmp_path)
     cfg = loaded.mixq_config
     assert (cfg.attention, cfg.kv_cache, cfg.fuse_norm) == (None, None, False)

@@ -120,12 +120,31 @@ def test_corrupted_and_truncated(saved, tmp_path):
         load_quantized(d)
 
 
-def _edit_meta(path, tmp_path, fn):
+def _resign(d, *, checksum: bool = True):
+    """Make the files of `d` consistent with its (edited) quant_config.json again: the header's
+    quant_config_sha256 (dropped with ``checksum=False``: a file of the format before it) and
+    the JSON's record of model.safetensors. What a buggy writer would leave, so that the checks
+    behind the checksums are reached."""
+    from safetensors.torch import load_file, save_file
+
+    from mixq.io import META_SHA_KEY, _meta_sha256, sha256_file
+    meta = json.loads((d / CONFIG_NAME).read_text())
+    tensors = load_file(str(d / WEIGHTS_NAME))
+    header = {"format": "mixq", **({META_SHA_KEY: _meta_sha256(meta)} if checksum else {})}
+    save_file(tensors, str(d / WEIGHTS_NAME), metadata=header)
+    meta["safetensors"].update(bytes=(d / WEIGHTS_NAME).stat().st_size,
+                               sha256=sha256_file(d / WEIGHTS_NAME))
+    (d / CONFIG_NAME).write_text(json.dumps(meta))
+    return d
+
+
+def _edit_meta(path, tmp_path, fn, *, resign: bool = True):
+    """A copy of the save with `fn` applied to its JSON; re-signed (`_resign`) by default."""
     d = _copy(path, tmp_path)
     meta = json.loads((d / CONFIG_NAME).read_text())
     fn(meta)
     (d / CONFIG_NAME).write_text(json.dumps(meta))
-    return d
+    return _resign(d) if resign else d
 
 
 @pytest.mark.parametrize("keys, value, match", [
@@ -242,3 +261,196 @@ def test_loaded_model_holds_packed_int4_only(saved):
     for m in int4:
         stored = sum(t.numel() * t.element_size() for t in m.state_dict().values())
         assert qnn.module_memory_bytes(m) == stored
+
+
+# ------------------------------------------------------------------------------- user data is kept
+def _files(d):
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+
+
+def _same_tensors(a, b) -> bool:
+    """Same tensors and header metadata (safetensors writes the metadata keys in no fixed
+    order, so two saves of one model need not be equal byte for byte)."""
+    from safetensors import safe_open
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        return (fa.metadata() == fb.metadata() and set(fa.keys()) == set(fb.keys())
+                and all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys()))
+
+
+def test_save_refuses_to_overwrite_a_checkpoint(saved, stories_dir, tmp_path, seed):
+    """Saving into the float model's own folder (or over an earlier save) is refused unless
+    ``overwrite=True``; nothing in the folder changes, no temporary file is left."""
+    model, path = saved
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for f in stories_dir.iterdir():
+        if f.is_file():
+            (hf / f.name).write_bytes(f.read_bytes())
+    before = _files(hf)
+    with pytest.raises(FileExistsError, match=r"already holds model\.safetensors.*overwrite=True"):
+        save_quantized(model, hf)
+    assert _files(hf) == before
+    again = _copy(path, tmp_path)
+    before = _files(again)
+    with pytest.raises(FileExistsError, match="model.safetensors and quant_config.json"):
+        save_quantized(model, again)
+    (again / WEIGHTS_NAME).unlink()               # a half checkpoint is still refused
+    with pytest.raises(FileExistsError, match="quant_config.json"):
+        save_quantized(model, again)
+    with pytest.raises(TypeError, match="overwrite"):
+        save_quantized(model, again, overwrite="yes")
+    save_quantized(model, again, overwrite=True)
+    assert set(_files(again)) == set(before)      # the same model: the same contents
+    old, new = (json.loads(f[CONFIG_NAME]) for f in (before, _files(again)))
+    assert {**old, "safetensors": None} == {**new, "safetensors": None}
+    assert _same_tensors(again / WEIGHTS_NAME, path / WEIGHTS_NAME)
+    ids = torch.randint(0, 512, (1, 11))
+    assert torch.equal(_logits(load_quantized(again), ids), _logits(model, ids))
+    with pytest.raises(FileExistsError, match="not a directory"):
+        save_quantized(model, again / WEIGHTS_NAME, overwrite=True)
+
+
+@pytest.mark.parametrize("where", ["weights", "json"])
+def test_failed_save_keeps_the_old_checkpoint(saved, tmp_path, monkeypatch, where):
+    """A save that fails part-way (here: the disk fills while writing) leaves the existing
+    checkpoint byte for byte and no temporary files, also with overwrite=True."""
+    import mixq.io as mio
+    import safetensors.torch as st
+
+    model, path = saved
+    d = _copy(path, tmp_path)
+    before = _files(d)
+    if where == "weights":
+        real = st.save_file
+
+        def save_file(tensors, filename, metadata=None):
+            real({k: tensors[k] for k in list(tensors)[:3]}, filename, metadata=metadata)
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(st, "save_file", save_file)
+    else:
+        real_dumps = json.dumps
+
+        def dumps(obj, **kw):
+            if kw.get("indent") == 1:
+                raise OSError(28, "No space left on device")
+            return real_dumps(obj, **kw)
+        monkeypatch.setattr(mio.json, "dumps", dumps)
+    with pytest.raises(OSError, match="No space"):
+        save_quantized(model, d, overwrite=True)
+    monkeypatch.undo()
+    assert _files(d) == before
+    load_quantized(d)
+
+
+@pytest.mark.parametrize("keys, value", [
+    (("modules", "model.layers.0.self_attn.q_proj", "attrs", "act_bits"), 8),
+    (("modules", "model.layers.0.self_attn.q_proj", "attrs", "n_outliers"), 3),
+    (("dtype",), "float16"),
+    (("model_config", "rms_norm_eps"), 1e-3),
+    (("quant_config", "kv_cache"), {"bits": 8, "group_size": 32}),
+], ids=["act_bits", "n_outliers", "dtype", "rms_norm_eps", "kv_cache"])
+def test_edited_json_is_refused(saved, tmp_path, keys, value):
+    """Each of these edits loaded and gave other logits (or another cache) before: the header
+    of model.safetensors now records the sha256 of the JSON."""
+    _model, path = saved
+
+    def edit(meta):
+        for key in keys[:-1]:
+            meta = meta[key]
+        meta[keys[-1]] = value
+    with pytest.raises(ValueError, match="quant_config_sha256.*edited or corrupted"):
+        load_quantized(_edit_meta(path, tmp_path, edit, resign=False))
+
+
+Q = "model.layers.0.self_attn.q_proj"        # W4A4, K = 64, 4 outliers, g128: Kq 60, Kp 128
+D8 = "model.layers.1.mlp.down_proj"          # W8A8 (the 8-bit override)
+
+
+@pytest.mark.parametrize("module, attr, value, match", [
+    (Q, "n_outliers", 3, "n_outliers|k_regular"),
+    (Q, "k_regular", 59, "k_regular"),
+    (Q, "k_padded", 64, "k_padded"),
+    (Q, "act_bits", 9, "act_bits"),
+    (Q, "act_bits", True, "act_bits"),
+    (Q, "weight_spec", {"__quantspec__": {"bits": 4, "symmetric": True, "granularity": "group",
+                                          "group_size": 32, "tile": [8, 8]}}, "k_padded"),
+    (Q, "weight_spec", {"__quantspec__": {"bits": 4, "symmetric": False, "granularity": "group",
+                                          "group_size": 128, "tile": [8, 8]}}, "symmetric"),
+    (Q, "weight_spec", {"__quantspec__": {"bits": 4, "symmetric": True, "granularity": "row",
+                                          "group_size": 128, "tile": [8, 8]}}, "k_padded"),
+    (Q, "out_features", 32, "w_packed|shape|->"),
+    (Q, "colour", "red", "attributes"),
+    (D8, "weight_spec", {"__quantspec__": {"bits": 4, "symmetric": True, "granularity": "row",
+                                           "group_size": 128, "tile": [8, 8]}}, "int8-sym-row"),
+], ids=["n_outliers", "k_regular", "k_padded", "act_bits_range", "act_bits_bool", "group_size",
+        "asymmetric", "row", "out_features", "unknown_attr", "w8a8_spec"])
+@pytest.mark.parametrize("checksum", [True, False], ids=["signed", "old_format"])
+def test_module_attributes_checked_against_tensors(saved, tmp_path, module, attr, value, match,
+                                                   checksum):
+    """A JSON consistent with its checksum (or of the format before it) whose module attributes
+    contradict the tensors is refused, naming the module."""
+    _model, path = saved
+
+    def edit(meta):
+        meta["modules"][module]["attrs"][attr] = value
+    d = _edit_meta(path, tmp_path, edit, resign=False)
+    with pytest.raises(ValueError, match=match):
+        load_quantized(_resign(d, checksum=checksum))
+
+
+def test_outlier_indices_checked_against_perm(saved, tmp_path):
+    """Tensors that contradict each other (a consistent file, other outlier channels than its
+    permutation) are refused too."""
+    from safetensors.torch import load_file, save_file
+    _model, path = saved
+    d = _copy(path, tmp_path)
+    tensors = load_file(str(d / WEIGHTS_NAME))
+    idx = tensors[f"{Q}.outlier_idx"]
+    tensors[f"{Q}.outlier_idx"] = torch.sort((idx + 1) % 64).values
+    save_file(tensors, str(d / WEIGHTS_NAME), metadata={"format": "mixq"})
+    with pytest.raises(ValueError, match=f"{Q}.*outlier permutation"):
+        load_quantized(_resign(d))
+
+
+def test_old_format_dtype_edit_is_refused(saved, tmp_path):
+    """Without the JSON checksum an edited "dtype" is still refused: it is recomputed from the
+    float weights (it also sets the non-persistent buffers, e.g. RoPE's inv_freq)."""
+    _model, path = saved
+
+    def edit(meta):
+        meta["dtype"] = "float16"
+    with pytest.raises(ValueError, match="records dtype 'float16' but the float weights"):
+        load_quantized(_resign(_edit_meta(path, tmp_path, edit, resign=False), checksum=False))
+
+
+@pytest.mark.parametrize("fields", [{"rms_norm_eps": 1e-3}, {"rope_theta": 500.0},
+                                    {"rms_norm_eps": 1e-3, "hidden_act": "gelu"}],
+                         ids=["rms_norm_eps", "rope_theta", "two_fields"])
+def test_model_factory_config_compared_whole(saved, stories_dir, fields):
+    """Same shapes, another function: refused, naming every differing field."""
+    _model, path = saved
+
+    def factory():
+        cfg = transformers.AutoConfig.from_pretrained(stories_dir)
+        for k, v in fields.items():
+            setattr(cfg, k, v)
+            if k == "rope_theta":
+                cfg.rope_parameters = {**cfg.rope_parameters, "rope_theta": v}
+        return transformers.LlamaForCausalLM(cfg)
+    with pytest.raises(ValueError, match="does not match the saved model config") as err:
+        load_quantized(path, model_factory=factory)
+    for k in fields:
+        assert f"{k}: saved" in str(err.value)
+    assert "transformers_version" not in str(err.value)
+
+
+def test_model_factory_with_quantized_head(float_llama, stories_dir, tmp_path, seed):
+    """quantize_lm_head unties the head: the float factory's tie_word_embeddings=True is fine."""
+    model = copy.deepcopy(float_llama)
+    quantize(model, QuantConfig(quantize_lm_head=True), progress=False)
+    assert model.config.tie_word_embeddings is False
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path, model_factory=lambda: transformers.AutoModelForCausalLM
+                            .from_pretrained(stories_dir, dtype=torch.float32))
+    ids = torch.randint(0, 512, (1, 13))
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))

@@ -178,3 +178,120 @@ def test_cache_works_without_mixq_attention(llama, tok):
     want = _generate(llama, ids, None)
     got = _generate(llama, ids, KV4Cache(bits=8, group_size=4))
     assert got.shape == want.shape and torch.equal(got[:, :ids.shape[1]], ids)
+
+
+# --------------------------------------------------------------------------- reuse across calls
+@pytest.fixture
+def kv_llama(llama):
+    from mixq.api import quantize
+    from mixq.config import KVCacheSpec, QuantConfig
+    return quantize(llama, QuantConfig(kv_cache=KVCacheSpec(bits=4, group_size=4)),
+                    progress=False)
+
+
+def _ids(tok, text):
+    return tok([text], return_tensors="pt")["input_ids"]
+
+
+def test_second_generate_with_a_used_cache(kv_llama, tok):
+    """A cache that holds a sequence refuses a prompt that does not continue it (before: "x is
+    empty" inside a linear for a short prompt, silently wrong output for a longer one),
+    continues one that does, and takes any prompt after reset()."""
+    from mixq.api import make_cache
+    model = kv_llama
+    p1 = _ids(tok, "Once upon a time")
+    cache = make_cache(model)
+    out1 = _generate(model, p1, cache, n=4)
+    held = out1.shape[1] - 1                         # the last generated token is not fed
+    assert cache.get_seq_length() == held and torch.equal(cache.token_ids, out1[:, :held])
+    with pytest.raises(ValueError, match=f"prompt has 2 tokens but this KV4Cache already holds "
+                                         f"{held}.*cache.reset"):
+        _generate(model, _ids(tok, "Lily"), cache)
+    long = _ids(tok, "Once upon a time there was a big dog named Max who")
+    assert long.shape[1] > held
+    with pytest.raises(ValueError, match=f"does not start with the {held} tokens"):
+        _generate(model, long, cache)
+    with pytest.raises(ValueError, match="batch size 2"):
+        _generate(model, out1.repeat(2, 1), cache)
+    assert cache.get_seq_length() == held            # refused calls fed nothing
+    # continuing: the previous output plus new tokens
+    more = torch.cat([out1, _ids(tok, "Lily")[:, 1:]], dim=1)
+    out2 = _generate(model, more, cache, n=3)
+    assert torch.equal(out2[:, :more.shape[1]], more)
+    assert cache.get_seq_length() == out2.shape[1] - 1
+    assert torch.equal(cache.token_ids, out2[:, :-1])
+    # a new prompt after reset() equals one with a fresh cache
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.token_ids is None
+    assert torch.equal(_generate(model, long, cache), _generate(model, long, make_cache(model)))
+
+
+def test_cache_filled_by_forward_then_generate(kv_llama, tok):
+    """HF's prefix caching: a forward fills the cache, generate() continues the same prefix."""
+    from mixq.api import make_cache
+    model = kv_llama
+    prefix = _ids(tok, "Once upon a time")
+    cache = make_cache(model)
+    with torch.no_grad():
+        model(prefix, past_key_values=cache, use_cache=True)
+    prompt = torch.cat([prefix, _ids(tok, "Lily")[:, 1:]], dim=1)
+    out = _generate(model, prompt, cache)
+    assert torch.equal(out[:, :prompt.shape[1]], prompt)
+    with pytest.raises(ValueError, match="feed no token"):
+        with torch.no_grad():
+            model(prompt[:, :0], past_key_values=cache, use_cache=True)
+    with torch.no_grad():                           # ids the cache cannot know
+        model(inputs_embeds=model.model.embed_tokens(prompt[:, :2]), past_key_values=cache,
+              use_cache=True)
+    assert cache.token_ids is None
+    with pytest.raises(ValueError, match="did not record"):
+        _generate(model, torch.cat([out, out], 1), cache)
+
+
+def test_token_ids_bookkeeping(seed):
+    """record_tokens / token_ids / check_prompt / beam helpers on a bare cache."""
+    cache = KV4Cache(bits=8, group_size=4)
+    k, v = _kv(2, 1, 6, 8)
+    ids = torch.randint(0, 50, (2, 6))
+    cache.check_prompt(ids)                         # empty: any prompt
+    cache.record_tokens(ids[:, :5], 5)
+    cache.update(k[:, :, :5], v[:, :, :5], 0)
+    cache.record_tokens(ids[:, 5:], 1)
+    cache.update(k[:, :, 5:], v[:, :, 5:], 0)
+    assert torch.equal(cache.token_ids, ids)
+    cache.record_tokens(ids[:, :2], 2)              # a forward that failed before any update
+    assert torch.equal(cache.token_ids, ids)
+    cache.check_prompt(torch.cat([ids, ids[:, :1]], 1))
+    with pytest.raises(ValueError, match="int input_ids"):
+        cache.check_prompt(None)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(cache.token_ids, ids.flip(0))
+    cache.batch_repeat_interleave(2)
+    assert torch.equal(cache.token_ids, ids.flip(0).repeat_interleave(2, 0))
+    cache.batch_select_indices(torch.tensor([0, 3]))
+    assert torch.equal(cache.token_ids, ids.flip(0))
+    cache.update(k[:, :, :1], v[:, :, :1], 1)       # layer 1 behind layer 0
+    with pytest.raises(ValueError, match=r"inconsistent.*\[1, 6\]"):
+        cache.check_prompt(torch.cat([ids, ids], 1))
+    cache.reset()
+    assert cache.token_ids is None and cache.get_seq_length() == 0
+    cache.check_prompt(ids[:, :1])
+
+
+def test_guard_generate_on_a_float_model(llama, tok):
+    """guard_generate works on any HF causal LM with a hand-built KV4Cache; idempotent; a model
+    copy keeps it; other caches pass unchanged."""
+    import copy
+
+    from mixq.hf.kv_cache import guard_generate
+    assert guard_generate(guard_generate(llama)) is llama
+    assert len(llama._forward_pre_hooks) == 1
+    twin = copy.deepcopy(llama)
+    p = _ids(tok, "Once upon a time")
+    cache = KV4Cache(twin.config, bits=8, group_size=4)
+    out = _generate(twin, p, cache)
+    with pytest.raises(ValueError, match="does not start with"):
+        _generate(twin, out.flip(1), cache)
+    assert torch.equal(_generate(twin, p, None), _generate(llama, p, None))
+    with pytest.raises(TypeError, match="generate"):
+        guard_generate(torch.nn.Linear(2, 2))

@@ -1,11 +1,12 @@
-"""layer_sensitivity on stories260k (a tiny Llama): rows per kind / block, finite, bad args."""
+"""mixq.experiments.ablation: layer_sensitivity on stories260k (a tiny Llama): rows per kind /
+block, finite, bad args; the CLI."""
 import math
 
 import pytest
 
 from mixq.config import QuantConfig
-from mixq.methods import AdaRound, layer_sensitivity
-from mixq.methods.ablation import model_kinds
+from mixq.experiments.ablation import layer_sensitivity, main, model_kinds
+from mixq.methods import AdaRound
 
 LLAMA_KINDS = ["q", "k", "v", "o", "gate", "up", "down"]
 
@@ -61,12 +62,26 @@ def test_model_kinds(stories):
     assert model_kinds(stories[0]) == LLAMA_KINDS
 
 
-def test_sensitivity_bad_args(stories):
+def test_sensitivity_bad_args(stories, tiny_opt):
     factory, evaluate = _setup(stories)
     cfg = QuantConfig(mode="w4a4")
     with pytest.raises(ValueError, match="by must be"):
         layer_sensitivity(factory, evaluate, config=cfg, by="layer")
     with pytest.raises(TypeError):
         layer_sensitivity(factory, evaluate, config={"mode": "w4a4"})
-    with pytest.raises(ValueError, match="nothing to ablate"):
-        layer_sensitivity(factory, evaluate, config=QuantConfig(mode="w4a4", targets=("fc1",)))
+    with pytest.raises(ValueError, match="nothing to ablate"):     # OPT has no gate_proj
+        layer_sensitivity(tiny_opt, lambda m: 1.0, config=QuantConfig(mode="w4a4",
+                                                                     targets=("gate",)))
+
+
+def test_cli_writes_rows_and_meta(tmp_path, stories_dir):
+    import json
+
+    out = tmp_path / "ablation.json"
+    assert main(["--model", "stories260k", "--preset", "w4a4-rtn", "--max-windows", "1",
+                 "--seqlen", "128", "--device", "cpu", "--no-all", "--quiet",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["what"] for r in rows] == ["float"] + [f"kind:{k}" for k in LLAMA_KINDS]
+    assert all(r["preset"] == "w4a4-rtn" and r["device"] == "cpu" for r in rows)
+    assert json.loads((tmp_path / "ablation.meta.json").read_text())["by"] == "kind"

@@ -1,4 +1,5 @@
-"""mixq.mnist: IDX parsing on the staged files, corrupted files, and a tiny end-to-end pipeline."""
+"""mixq.mnist: IDX parsing on the staged files, corrupted files; mixq.experiments.mnist: a tiny
+end-to-end pipeline and the CLI."""
 import gzip
 import json
 
@@ -8,6 +9,7 @@ import torch
 
 from mixq import data, mnist
 from mixq import outliers
+from mixq.experiments import mnist as pipeline
 
 MNIST_DIR = data.find_data("mnist", required=False)
 needs_mnist = pytest.mark.skipif(MNIST_DIR is None, reason="staged MNIST not found (see data/README.md)")
@@ -144,7 +146,7 @@ def test_inject_outliers_keeps_function_and_layer_error(seed):
 
 @needs_mnist
 def test_smoke_pipeline(tmp_path):
-    rows = mnist.run_pipeline(smoke=True, n_train=3000, n_test=1000, epochs=2, fractions=(0.05,),
+    rows = pipeline.run_pipeline(smoke=True, n_train=3000, n_test=1000, epochs=2, fractions=(0.05,),
                               json_path=tmp_path / "r.json", figure_path=tmp_path / "f.png",
                               progress=False)
     half = "FP16" if mnist.half_dtype() == torch.float16 else "BF16"
@@ -177,5 +179,5 @@ def test_smoke_pipeline(tmp_path):
         assert {"mode", "accuracy", "weight_bytes", "device", "torch"} <= got.keys()
     assert json.loads((tmp_path / "r.meta.json").read_text())["n_test"] == 1000
     assert (tmp_path / "f.png").stat().st_size > 1000
-    table = mnist.format_table(rows)
+    table = pipeline.format_table(rows)
     assert all(r["label"] in table for r in rows) and len(table.splitlines()) == len(rows) + 2

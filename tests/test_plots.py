@@ -1,19 +1,22 @@
-"""mixq.plots: loading GEMM result files and the speedup plot, on fake rows (nothing is timed)."""
+"""mixq.experiments.plots: loading GEMM result files and the speedup plot, on fake rows
+(nothing is timed)."""
 import json
 import random
 
 import pytest
 
-from mixq import bench, plots
+from mixq.experiments import bench_gemm as bench
+from mixq.experiments import plots
+from mixq.experiments.common import write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _fake(seed):
     """Rows of two shapes x three M, bf16 + two timed modes + one unavailable mode, as
-    mixq.bench writes them; returns (rows, {(shape, M, mode): time_ms}, meta)."""
+    bench_gemm writes them; returns (rows, {(shape, M, mode): time_ms}, meta)."""
     rng = random.Random(seed)
-    meta = {"gpu": "FakeGPU 80GB", "torch": "2.x", "triton": "3.x"}
+    meta = {"device_name": "FakeGPU 80GB", "torch": "2.x", "triton": "3.x"}
     rows, times = [], {}
     for shape, n, k in (("8b.o", 4096, 4096), ("8b.down", 4096, 14336)):
         for m in (1, 16, 2048):
@@ -30,12 +33,14 @@ def _speedup(times, shape, m, mode):
     return times[(shape, m, "bf16")] / times[(shape, m, mode)]
 
 
-@pytest.mark.parametrize("layout", ["dict", "list"])
+@pytest.mark.parametrize("layout", ["results", "dict", "list"])
 def test_load_both_layouts_and_fill_speedups(layout, tmp_path, seed):
     rows, times, meta = _fake(seed)
     path = tmp_path / "gemm.json"
-    if layout == "dict":
-        bench.write_json(str(path), bench.add_speedups(rows), meta)
+    if layout == "results":  # write_results: rows + gemm.meta.json
+        write_results(path, bench.add_speedups(rows), meta)
+    elif layout == "dict":   # the older layout of the committed results/gemm_h100.json
+        path.write_text(json.dumps({"meta": meta, "rows": bench.add_speedups(rows)}))
     else:  # a bare list without speedups: the loader computes them
         for r in rows:
             del r["speedup_vs_bf16"]
@@ -43,7 +48,8 @@ def test_load_both_layouts_and_fill_speedups(layout, tmp_path, seed):
         path.write_text(json.dumps(rows))
     loaded, got_meta = plots.load_gemm_results(path)
     assert len(loaded) == len(rows)
-    assert got_meta["gpu"] == meta["gpu"] and got_meta["triton"] == meta["triton"]
+    assert got_meta["device_name"] == meta["device_name"]
+    assert got_meta["triton"] == meta["triton"]
     for r in loaded:
         if r["time_ms"] is None:
             assert r["speedup_vs_bf16"] is None

@@ -1,4 +1,5 @@
-"""mixq.report: markdown tables, README marker blocks, and the report over a copy of results/."""
+"""mixq.experiments.report: README marker blocks, and the report over a copy of results/ (the
+Markdown table and the environment line: tests/test_experiments_common.py)."""
 import json
 import random
 import shutil
@@ -6,56 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from mixq import report
 from mixq.data import REPO_ROOT
-from mixq.plots import load_gemm_results
+from mixq.experiments import report
+from mixq.experiments.plots import load_gemm_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RESULTS = REPO_ROOT / "results"
-
-
-# ------------------------------------------------------------------------------ markdown_table
-def test_markdown_table_formats_aligns_and_escapes(seed):
-    rng = random.Random(seed)
-    rows = [{"name": f"m|{i}", "x": rng.uniform(0, 10), "n": i, "opt": None if i % 2 else 1.5}
-            for i in range(3)]
-    text = report.markdown_table(rows, ["name", ("x", "x", ".3f"), ("n+1", lambda r: r["n"] + 1),
-                                        ("opt", "opt", "{:.1f}x")])
-    lines = text.split("\n")
-    assert lines[0] == "| name | x | n+1 | opt |"
-    assert lines[1] == "|---|---:|---:|---:|"               # numbers right-aligned
-    assert len(lines) == 2 + len(rows)
-    for line, r in zip(lines[2:], rows):
-        cells = [c.strip() for c in line.strip("|").split(" | ")]
-        assert cells[0] == r["name"].replace("|", "\\|")
-        assert cells[1] == f"{r['x']:.3f}" and cells[2] == str(r["n"] + 1)
-        assert cells[3] == ("-" if r["opt"] is None else f"{r['opt']:.1f}x")
-    forced = report.markdown_table(rows, ["n"], align="l")
-    assert forced.split("\n")[1] == "|---|"
-
-
-def test_markdown_table_errors():
-    with pytest.raises(TypeError, match="sequence of mappings"):
-        report.markdown_table({"a": 1}, ["a"])
-    with pytest.raises(TypeError, match="row 0"):
-        report.markdown_table([3], ["a"])
-    with pytest.raises(ValueError, match="non-empty"):
-        report.markdown_table([{"a": 1}], [])
-    with pytest.raises(TypeError, match="column"):
-        report.markdown_table([{"a": 1}], [("a",)])
-    with pytest.raises(ValueError, match="align"):
-        report.markdown_table([{"a": 1}], ["a"], align="lr")
-
-
-def test_environment_note_names_device_and_versions():
-    note = report.environment_note({"gpu": "FakeGPU", "torch": "9.9", "triton": "8.8",
-                                    "cuda": "12.0"}, "results/x.json")
-    assert note.startswith("Device: FakeGPU;")
-    for part in ("torch 9.9", "triton 8.8", "CUDA 12.0", "`results/x.json`"):
-        assert part in note
-    assert report.environment_note({"device_name": "A", "device": "cuda"}).startswith("Device: A")
-    with pytest.raises(TypeError):
-        report.environment_note(["gpu"])
 
 
 # ------------------------------------------------------------------------------- update_readme
@@ -156,7 +113,7 @@ def test_report_cli_writes_tables_figures_and_check_detects_staleness(workspace,
     if (res / "gemm_h100.json").exists():
         rows, meta = load_gemm_results(res / "gemm_h100.json")
         gblock = text.split("<!-- results:gemm_h100 -->")[1]
-        assert meta["gpu"] in gblock
+        assert meta["gpu"] in gblock                 # the committed file's device key
         for r in rows:
             if r["mode"] == "bf16" and r["shape"].startswith("8b."):
                 assert f"| {r['shape']} ({r['N']}x{r['K']}) | {r['M']} | {r['time_ms']:.4f} |" \

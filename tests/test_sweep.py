@@ -1,37 +1,49 @@
-"""mixq.sweep on the tiny staged Llama (CPU): rows, JSON rewritten per row, markdown, filters."""
+"""mixq.experiments.sweep on the tiny staged Llama (CPU): rows, JSON rewritten per row,
+markdown, filters."""
 import json
 
 import pytest
 
 pytest.importorskip("transformers")
 
-from mixq.config import QuantConfig  # noqa: E402
-from mixq.sweep import CONFIGS, SweepConfig, _select, run_sweep  # noqa: E402
+from mixq.experiments.sweep import main, run_sweep, select_presets  # noqa: E402
+from mixq.presets import preset_names  # noqa: E402
 
 KEYS = {"model", "config", "method", "w_bits", "a_bits", "outlier_frac", "ppl", "ppl_fp16",
         "ppl_ratio", "weight_bytes", "device", "device_name", "torch", "transformers",
         "config_s"}
 
 
-def test_configs_build_and_names_unique():
-    names = [c.name for c in CONFIGS]
+def test_presets_selected_by_name():
+    names = preset_names()
     assert len(names) == len(set(names))
-    for c in CONFIGS:
-        assert isinstance(c.build(), QuantConfig)
+    assert select_presets() == names
     with pytest.raises(ValueError):
-        _select(None, ["no-such-config"], None)
-    assert [c.name for c in _select(None, None, names[1:])] == names[:1]
+        select_presets(only=["no-such-config"])
+    with pytest.raises(ValueError, match="unknown presets"):
+        select_presets(["w4a4-o1+kv4"])            # the sweep runs catalogue entries only
+    assert select_presets(exclude=names[1:]) == names[:1]
+    assert select_presets(names[:3], only=names[1:2]) == names[1:2]
+
+
+def test_cli_lists_the_catalogue_and_rejects_unknown_names(capsys):
+    assert main(["--list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == preset_names()
+    with pytest.raises(SystemExit):
+        main(["--model", "stories260k", "--exclude", "no-such-config"])
+    with pytest.raises(SystemExit):
+        main(["--list", "--skip", "w8a8"])         # --skip is quantize's (module patterns)
 
 
 def test_run_sweep_stories260k(tmp_path):
-    configs = [SweepConfig("w8a8", lambda: QuantConfig(mode="w8a8")),
-               SweepConfig("w4a4-o2", lambda: QuantConfig(mode="w4a4", outlier_frac=0.02)),
-               SweepConfig("skipped", lambda: QuantConfig(mode="w4a16"))]
+    presets = ["w8a8", "w4a4-o2", "w4a16-g128"]
     jp, mp = tmp_path / "r.json", tmp_path / "r.md"
-    rows = run_sweep("stories260k", configs=configs, n_calib=4, calib_seqlen=128, seqlen=128,
-                     max_windows=1, device="cpu", json_path=jp, md_path=mp, progress=False,
-                     skip=["skipped"])
+    rows, meta = run_sweep("stories260k", presets=presets, n_calib=4, calib_seqlen=128,
+                           seqlen=128, max_windows=1, device="cpu", json_path=jp, md_path=mp,
+                           progress=False, exclude=["w4a16-g128"])
     assert [r["config"] for r in rows] == ["fp16", "w8a8", "w4a4-o2"]
+    assert meta["configs"] == ["w8a8", "w4a4-o2"] and meta["model"] == "stories260k"
     for r in rows:
         assert KEYS <= set(r), KEYS - set(r)
         assert "error" not in r
@@ -43,7 +55,7 @@ def test_run_sweep_stories260k(tmp_path):
     md = mp.read_text()
     assert "| w4a4-o2 |" in md and "| fp16 |" in md
     # resume keeps the finished rows and runs nothing new
-    again = run_sweep("stories260k", configs=configs[:2], n_calib=4, calib_seqlen=128,
-                      seqlen=128, max_windows=1, device="cpu", json_path=jp, progress=False,
-                      resume=True)
+    again, _ = run_sweep("stories260k", presets=presets[:2], n_calib=4, calib_seqlen=128,
+                         seqlen=128, max_windows=1, device="cpu", json_path=jp, progress=False,
+                         resume=True)
     assert [r["config"] for r in again] == ["fp16", "w8a8", "w4a4-o2"]

@@ -1,4 +1,6 @@
-"""Experiment drivers behind ``python -m mixq <command>``: sweep, full, bench (gemm, e2e,
-attention), report, plots, the LLM CLI (quantize, eval), the MNIST pipeline and the layer
-ablation. They share `mixq.experiments.common` (environment metadata, result files, Markdown
-tables, flags). The library (`mixq`) never imports them."""
+"""Experiment drivers, one per ``python -m mixq <command>`` (`mixq.__main__.COMMANDS`): mnist,
+bench_gemm, bench_e2e, bench_attention, report, quantize, evaluate (``eval``), sweep, full,
+ablation; plots draws the figures of the report and the notebooks. Each command module has
+``build_parser()`` and ``main(argv) -> int``; all share `mixq.experiments.common` (environment
+metadata, result files, Markdown tables, the common flags, GPU timing). The library (`mixq`)
+never imports them."""

@@ -1,8 +1,9 @@
-"""Attention benchmark: PyTorch SDPA against mixq's quantized attention kernels, one layer.
+"""Attention benchmark (``python -m mixq bench attention``): PyTorch SDPA against mixq's
+quantized attention kernels, one layer.
 
 ``python -m mixq bench attention [--contexts 512,1024,2048,4096,8192] [--heads 32]
 [--kv-heads 8] [--head-dim 128] [--batch 1] [--decode-batches 1,16] [--phases prefill,decode]
-[--json PATH] [--md PATH] [--quick] [--smoke]`` (the CLI passes ``argv = ["attention", ...]``).
+[--json PATH] [--md PATH] [--quick] [--smoke]``.
 The defaults are Llama-3-8B's attention (32 query heads, 8 KV heads, head dim 128).
 
 For every context length L it times one attention layer:
@@ -17,21 +18,22 @@ prefill    mixq_q8k8v8p8     `mixq.kernels.attention.quantized_attention`, 8-bit
 prefill    mixq_q8k4v4p8     the same with 4-bit K and V
 decode     sdpa              1 new query (B, Hq, 1, D) over a float (B, Hkv, L, D) K/V cache
 decode     mixq_kv4          `kv4_decode_attention` (8-bit Q, 8-bit P) reading a packed
-                             `mixq.kv_cache.KV4Layer` holding the same L keys/values
+                             `mixq.hf.kv_cache.KV4Layer` holding the same L keys/values
 =========  ================  ==============================================================
 
 Only attention is timed: appending the new token to the cache is not (it is a copy on both
 sides). Inputs are N(0, 1) in the bench dtype (bf16 on a GPU). On CUDA each call runs inside a
 CUDA graph of up to 8 calls on copies of the inputs, replayed under ``triton.testing.do_bench``
-(median, L2 flushed before each replay): the helpers of `mixq.bench` (`mixq.bench._time_ms`).
+(median, L2 flushed before each replay): `mixq.experiments.common.cuda_time_ms`.
 Without CUDA it runs the smoke configuration (4 / 2 heads, head dim 16, contexts 64,128, the
 Triton interpreter) timed with ``time.perf_counter`` (median of ``--repeats``): the numbers
 only show that everything runs; the rows say ``device: cpu``.
 
-Rows (``{"meta": ..., "rows": [...]}``, `mixq.bench.write_json`): ``model_shape, phase,
+Rows (`mixq.experiments.common.write_results`, meta beside them): ``model_shape, phase,
 context, batch, impl, ms, speedup_vs_sdpa`` (``t(sdpa) / t(impl)``, same phase/context/batch),
 ``max_abs_err`` (against the impl's own reference on the same inputs: the fp32 softmax
-attention for sdpa, `mixq.attention.quantized_attention_reference` with the impl's config for
+attention for sdpa, `mixq.reference.attention.quantized_attention_reference` with the impl's
+config for
 mixq: a kernel check), ``max_abs_err_vs_fp32`` (against fp32 softmax attention: the
 quantization error), ``kv_cache_bytes`` (decode: bytes of this layer's cache, float vs KV4;
 None for prefill) and ``error`` when an impl could not run. The errors are computed on the
@@ -41,6 +43,7 @@ small. The target, noted in meta and printed: decode with KV4 >= 1.5x SDPA at co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -50,9 +53,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KNOWN_SHAPES", "PREFILL_IMPLS", "DECODE_IMPL", "REQUIRED_ROW_KEYS", "TARGET",
-           "AttentionBenchSpec", "smoke_spec", "run_attention_bench", "add_speedups",
-           "target_check", "format_markdown", "parse_args", "main"]
+from mixq.config import FLOAT_ATTENTION, AttentionQuantConfig
+from mixq.experiments.common import (Timing, add_common_flags, check_counts, comma_list,
+                                     command_parser, cuda_time_ms, default_device, device_slug,
+                                     environment, input_sets, int_list, markdown_table, now,
+                                     torch_dtype, write_outputs)
+from mixq.reference.attention import quantized_attention_reference
+
+__all__ = ["KNOWN_SHAPES", "PREFILL_CONFIGS", "PREFILL_IMPLS", "DECODE_IMPL",
+           "REQUIRED_ROW_KEYS", "TARGET", "AttentionBenchSpec", "smoke_spec",
+           "run_attention_bench", "add_speedups", "target_check", "format_markdown",
+           "build_parser", "parse_args", "main"]
 
 KNOWN_SHAPES = {"llama3-8b": (32, 8, 128), "llama3.2-1b": (32, 8, 64)}
 """(query heads, KV heads, head dim) of known models; other shapes are named hq{}_hkv{}_d{}."""
@@ -67,22 +78,12 @@ REQUIRED_ROW_KEYS = ("model_shape", "phase", "context", "batch", "impl", "ms",
                      "speedup_vs_sdpa", "max_abs_err", "max_abs_err_vs_fp32", "kv_cache_bytes")
 TARGET = {"phase": "decode", "impl": DECODE_IMPL, "context": 8192, "min_speedup": 1.5,
           "text": "decode with KV4 >= 1.5x SDPA at context 8192"}
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
-
-def _prefill_configs():
-    from mixq.attention import AttentionQuantConfig
-
-    return {"mixq_q8k8v8p8": AttentionQuantConfig(8, 8, 8, 8),
-            "mixq_q8k4v4p8": AttentionQuantConfig(8, 4, 4, 8)}
-
-
-PREFILL_IMPLS = ("sdpa", "mixq_q8k8v8p8", "mixq_q8k4v4p8")
-
-
-def _positive_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+#: The mixq prefill impls and their attention configs.
+PREFILL_CONFIGS = {"mixq_q8k8v8p8": AttentionQuantConfig(8, 8, 8, 8),
+                   "mixq_q8k4v4p8": AttentionQuantConfig(8, 4, 4, 8)}
+PREFILL_IMPLS = ("sdpa", *PREFILL_CONFIGS)
 
 
 @dataclass(frozen=True)
@@ -116,12 +117,10 @@ class AttentionBenchSpec:
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
                 raise ValueError(f"{name} must be a non-empty sequence, got {value!r}")
             object.__setattr__(self, name, tuple(value))
-        for i, c in enumerate(self.contexts):
-            _positive_int(f"contexts[{i}]", c)
-        for i, b in enumerate(self.decode_batches):
-            _positive_int(f"decode_batches[{i}]", b)
-        for name in ("heads", "kv_heads", "head_dim", "batch", "group_size"):
-            _positive_int(name, getattr(self, name))
+        check_counts(**{f"contexts[{i}]": c for i, c in enumerate(self.contexts)},
+                     **{f"decode_batches[{i}]": b for i, b in enumerate(self.decode_batches)},
+                     **{n: getattr(self, n) for n in ("heads", "kv_heads", "head_dim", "batch",
+                                                      "group_size")})
         if self.heads % self.kv_heads:
             raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
         if self.head_dim % 2:
@@ -132,8 +131,8 @@ class AttentionBenchSpec:
             raise ValueError(f"unknown phases {bad}; choose from {PHASES}")
         if isinstance(self.kv_bits, bool) or self.kv_bits not in (4, 8):
             raise ValueError(f"kv_bits must be 4 or 8, got {self.kv_bits!r}")
-        if self.dtype not in _DTYPES.values():
-            raise TypeError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype}")
+        if self.dtype not in _FLOATS:
+            raise TypeError(f"dtype must be one of {_FLOATS}, got {self.dtype}")
 
     @property
     def model_shape(self) -> str:
@@ -197,8 +196,6 @@ def _target_line(meta: dict) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    from mixq.report import markdown_table
-
     return markdown_table(rows, [
         ("phase", "phase"), ("context", "context"), ("batch", "batch"), ("impl", "impl"),
         ("ms", "ms", ".4f"), ("speedup vs sdpa", "speedup_vs_sdpa", "{:.2f}x"),
@@ -216,20 +213,14 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
 
 
 # ------------------------------------------------------------------------------- measurement
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(calls: list[Callable[[], object]], device: torch.device, timing,
+def _time(calls: list[Callable[[], object]], device: torch.device, timing: Timing,
           repeats: int) -> tuple[float, str, object]:
-    """``(median ms per call, how, calls[0]()'s output)``: `mixq.bench._time_ms` (CUDA graph +
+    """``(median ms per call, how, calls[0]()'s output)``: `cuda_time_ms` (CUDA graph +
     do_bench) on CUDA, else the median of `repeats` ``time.perf_counter`` timings of calls[0]
     after one warm-up (whose output is returned: interpreted kernels are slow)."""
     out = calls[0]()
     if device.type == "cuda":
-        from mixq.bench import _time_ms
-        return (*_time_ms(calls, timing), out)
+        return (*cuda_time_ms(calls, timing), out)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -239,10 +230,7 @@ def _time(calls: list[Callable[[], object]], device: torch.device, timing,
 
 
 def _n_sets(call_bytes: int, device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    from mixq.bench import _n_sets as n_sets
-    return n_sets(call_bytes)
+    return input_sets(call_bytes) if device.type == "cuda" else 1
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -263,8 +251,6 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _fp32_reference(q, k, v) -> torch.Tensor:
     """fp32 softmax attention (B, Lq, Hq, D), causal bottom-right aligned."""
-    from mixq.attention import FLOAT_ATTENTION, quantized_attention_reference
-
     return quantized_attention_reference(q.float(), k.float(), v.float(),
                                          scaling=q.shape[-1] ** -0.5, config=FLOAT_ATTENTION)
 
@@ -272,13 +258,11 @@ def _fp32_reference(q, k, v) -> torch.Tensor:
 class _Bench:
     """Runs the phases of one spec on one device; collects rows."""
 
-    def __init__(self, spec: AttentionBenchSpec, device: torch.device, timing, repeats: int,
-                 env: dict):
+    def __init__(self, spec: AttentionBenchSpec, device: torch.device, timing: Timing,
+                 repeats: int, env: dict):
         self.spec, self.device, self.timing, self.repeats = spec, device, timing, repeats
         self.scaling = spec.head_dim ** -0.5
-        self.base = {"model_shape": spec.model_shape, "device": env.get("device"),
-                     "device_name": env.get("device_name"), "torch": env.get("torch"),
-                     "triton": env.get("triton"), "dtype": str(spec.dtype)[6:]}
+        self.base = {"model_shape": spec.model_shape, "dtype": str(spec.dtype)[6:], **env}
         self.rows: list[dict] = []
 
     def _randn(self, *shape) -> torch.Tensor:
@@ -299,7 +283,6 @@ class _Bench:
 
     # -- prefill ---------------------------------------------------------------------------
     def prefill(self, ctx: int) -> None:
-        from mixq.attention import quantized_attention_reference
         from mixq.kernels.attention import quantized_attention
 
         s, b = self.spec, self.spec.batch
@@ -330,16 +313,13 @@ class _Bench:
                         max_abs_err_vs_fp32=_max_abs(out, ref32))
 
         self._record("prefill", ctx, b, "sdpa", sdpa)
-        for impl, config in _prefill_configs().items():
+        for impl, config in PREFILL_CONFIGS.items():
             self._record("prefill", ctx, b, impl, lambda c=config: mixq(c))
 
     # -- decode ----------------------------------------------------------------------------
     def decode(self, ctx: int, b: int) -> None:
-        import dataclasses
-
-        from mixq.attention import quantized_attention_reference
+        from mixq.hf.kv_cache import KV4Layer
         from mixq.kernels.attention import kv4_decode_attention
-        from mixq.kv_cache import KV4Layer
 
         s = self.spec
         q = self._randn(b, s.heads, 1, s.head_dim)
@@ -366,12 +346,16 @@ class _Bench:
             first = layer()
             sets_n = _n_sets(first.kv_bytes(), self.device)
             sets = [(q, first)] + [(q.clone(), layer()) for _ in range(sets_n - 1)]
-            config = dataclasses.replace(_prefill_configs()["mixq_q8k8v8p8"],
+            config = dataclasses.replace(PREFILL_CONFIGS["mixq_q8k8v8p8"],
                                          k_bits=None, v_bits=None)
 
             def call(o):
-                return lambda: kv4_decode_attention(o[0], o[1], scaling=self.scaling,
-                                                    config=config, check_finite=False)
+                q_, lay = o
+                st = lay.packed_state()
+                return lambda: kv4_decode_attention(
+                    q_, st["k_codes"], st["k_scale"], st["v_codes"], st["v_scale"], st["k_res"],
+                    st["v_res"], bits=lay.bits, group_size=lay.group_size, scaling=self.scaling,
+                    config=config, check_finite=False)
             t, how, out = _time([call(o) for o in sets], self.device, self.timing, self.repeats)
             out = out[:c]
             k_dq, v_dq = first.dequantize()
@@ -383,17 +367,6 @@ class _Bench:
 
         self._record("decode", ctx, b, "sdpa", sdpa)
         self._record("decode", ctx, b, s.decode_impl, kv4)
-
-
-def _write(json_path, md_path, rows: list[dict], meta: dict) -> None:
-    from mixq.bench import write_json
-
-    if json_path:
-        write_json(str(json_path), rows, meta)
-    if md_path:
-        os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
-        with open(md_path, "w") as f:
-            f.write(format_markdown(rows, meta))
 
 
 @torch.no_grad()
@@ -409,22 +382,19 @@ def run_attention_bench(spec: AttentionBenchSpec, *, device: str | torch.device 
             TRITON_INTERPRET=1; without it their rows carry an ``error``).
         quick: shorter do_bench (CUDA). repeats: perf_counter timings on CPU (median).
         seed: torch seed of the random inputs.
-        json_path, md_path: written after every context (JSON ``{"meta", "rows"}``).
+        json_path, md_path: written after every context (rows + ``<stem>.meta.json``; the
+            Markdown of `format_markdown`).
     Raises:
         TypeError: spec is not an AttentionBenchSpec. ValueError: repeats < 1.
     """
     from tqdm.auto import tqdm
 
-    from mixq.bench import _Timing
-
     if not isinstance(spec, AttentionBenchSpec):
         raise TypeError(f"spec must be an AttentionBenchSpec, got {type(spec).__name__}")
-    _positive_int("repeats", repeats)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    from mixq.bench_e2e import _environment   # device, versions incl. triton
-
-    env = _environment(device)
-    timing = _Timing(5, 25) if quick else _Timing(10, 60)
+    check_counts(repeats=repeats)
+    device = default_device(device)
+    env = environment(device)
+    timing = Timing(5, 25) if quick else Timing(10, 60)
     method = ("median of triton.testing.do_bench over CUDA-graph replays of up to 8 input "
               "copies (L2 flushed before each)" if device.type == "cuda" else
               f"CPU smoke run: median of {repeats} time.perf_counter timings, Triton "
@@ -438,7 +408,7 @@ def run_attention_bench(spec: AttentionBenchSpec, *, device: str | torch.device 
             "note": "one attention layer; inputs N(0,1); the cache append is not timed; errors "
                     f"on the last {CHECK_ROWS} queries (prefill) / first {CHECK_BATCH} "
                     "sequences (decode); kv_cache_bytes per layer",
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "started": now()}
     torch.manual_seed(seed)
     bench = _Bench(spec, device, timing, repeats, env)
     for ctx in tqdm(spec.contexts, desc="contexts", disable=not progress):
@@ -449,29 +419,14 @@ def run_attention_bench(spec: AttentionBenchSpec, *, device: str | torch.device 
                 bench.decode(ctx, b)
         add_speedups(bench.rows)
         meta["target_check"] = target_check(bench.rows, spec.decode_impl)
-        _write(json_path, md_path, bench.rows, meta)
+        write_outputs(json_path, md_path, bench.rows, meta, format_markdown)
     return bench.rows, meta
 
 
 # ------------------------------------------------------------------------------- CLI
-def _int_tuple(spec: str, what: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in spec.split(",") if s.strip())
-    except ValueError as e:
-        raise ValueError(f"{what} must be a comma list of ints, got {spec!r}") from e
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse the flags (a leading "attention" is dropped); adds ``.spec`` (an
-    `AttentionBenchSpec`; bad values exit through argparse with the spec's message) and
-    ``.smoke`` (``--smoke``, ``MIXQ_SMOKE=1`` or a CPU device: smoke defaults)."""
-    from mixq.data import smoke_mode
-
-    argv = list(argv)
-    if argv and argv[0] == "attention":
-        argv = argv[1:]
-    p = argparse.ArgumentParser(prog="python -m mixq bench attention",
-                                description="SDPA vs mixq quantized attention (prefill, decode)")
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python -m mixq bench attention``."""
+    p = command_parser("bench attention", "SDPA vs mixq quantized attention (prefill, decode)")
     p.add_argument("--contexts", default=None,
                    help=f"context lengths (default {','.join(map(str, DEFAULT_CONTEXTS))})")
     p.add_argument("--heads", type=int, default=None, help="query heads (32)")
@@ -482,33 +437,43 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--phases", default=",".join(PHASES), help="prefill,decode")
     p.add_argument("--kv-bits", type=int, default=4, help="decode cache bits (4 or 8)")
     p.add_argument("--group-size", type=int, default=32, help="KV4 key-scale group (32)")
-    p.add_argument("--dtype", default="bfloat16", choices=list(_DTYPES))
-    p.add_argument("--device", default=None, help="default cuda if available, else cpu")
     p.add_argument("--repeats", type=int, default=3, help="CPU timings, median kept (3)")
     p.add_argument("--quick", action="store_true", help="shorter do_bench (CUDA)")
-    p.add_argument("--json", default=None,
-                   help="rows JSON (default results/attention_<device>.json; smoke runs: none)")
-    p.add_argument("--md", default=None, help="Markdown table here")
-    p.add_argument("--smoke", action="store_true", help="tiny heads and contexts (CPU)")
-    args = p.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.device = device
-    args.smoke = args.smoke or smoke_mode() or torch.device(device).type != "cuda"
+    add_common_flags(p, "device", "dtype", "json", "md", "smoke", "quiet",
+                     dtype={"default": "bf16"},
+                     json={"help": "rows JSON (default results/attention_<device>.json; smoke "
+                                   "runs: none)"})
+    return p
+
+
+def _spec(args: argparse.Namespace) -> AttentionBenchSpec:
+    """The spec of the parsed flags over the smoke or full defaults (ValueError / TypeError)."""
     base = smoke_spec() if args.smoke else AttentionBenchSpec()
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    return AttentionBenchSpec(
+        contexts=int_list(args.contexts, "--contexts") if args.contexts else base.contexts,
+        heads=base.heads if args.heads is None else args.heads,
+        kv_heads=base.kv_heads if args.kv_heads is None else args.kv_heads,
+        head_dim=base.head_dim if args.head_dim is None else args.head_dim,
+        batch=args.batch, kv_bits=args.kv_bits, group_size=args.group_size,
+        decode_batches=(int_list(args.decode_batches, "--decode-batches")
+                        if args.decode_batches else base.decode_batches),
+        phases=tuple(comma_list(args.phases)), dtype=torch_dtype(args.dtype))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the flags; adds ``.spec`` (an `AttentionBenchSpec`; bad values exit through
+    argparse with the spec's message) and ``.smoke`` (``--smoke``, ``MIXQ_SMOKE=1`` or a CPU
+    device: smoke defaults)."""
+    from mixq.data import smoke_mode
+
+    p = build_parser()
+    args = p.parse_args(None if argv is None else list(argv))
+    args.device = str(default_device(args.device))
+    args.smoke = args.smoke or smoke_mode() or not args.device.startswith("cuda")
     try:
-        if args.repeats < 1:
-            raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-        fields = dict(
-            contexts=_int_tuple(args.contexts, "--contexts") if args.contexts else base.contexts,
-            heads=base.heads if args.heads is None else args.heads,
-            kv_heads=base.kv_heads if args.kv_heads is None else args.kv_heads,
-            head_dim=base.head_dim if args.head_dim is None else args.head_dim,
-            batch=args.batch, kv_bits=args.kv_bits, group_size=args.group_size,
-            decode_batches=(_int_tuple(args.decode_batches, "--decode-batches")
-                            if args.decode_batches else base.decode_batches),
-            phases=tuple(s.strip() for s in args.phases.split(",") if s.strip()),
-            dtype=_DTYPES[args.dtype])
-        args.spec = AttentionBenchSpec(**fields)
+        args.spec = _spec(args)
     except (ValueError, TypeError) as e:
         p.error(str(e))
     return args
@@ -522,23 +487,24 @@ def _ensure_interpreter(device: torch.device) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: ``main(["attention", "--contexts", "8192"])``; returns the exit code (1 when
-    no row could be timed)."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """``python -m mixq bench attention ...``; returns the exit code (1 when no row could be
+    timed)."""
+    args = parse_args(argv)
     device = torch.device(args.device)
     _ensure_interpreter(device)
     json_path = args.json
     if json_path is None and not args.smoke:
-        from mixq.bench_e2e import device_slug
         from mixq.data import project_dir
-        json_path = str(project_dir("results") / f"attention_{device_slug(torch.cuda.get_device_name(device))}.json")
+        json_path = project_dir("results") / \
+            f"attention_{device_slug(environment(device)['device_name'])}.json"
     rows, meta = run_attention_bench(args.spec, device=device, quick=args.quick,
-                                     repeats=args.repeats, json_path=json_path, md_path=args.md)
+                                     repeats=args.repeats, json_path=json_path, md_path=args.md,
+                                     progress=not args.quiet)
     print(_table(rows))
     print()
     print(_target_line(meta))
     if json_path:
-        print(f"\nrows written to {json_path}")
+        print(f"\nrows written to {json_path} (meta beside it)")
     if args.md:
         print(f"markdown written to {args.md}")
     return 0 if any(r["ms"] is not None for r in rows) else 1

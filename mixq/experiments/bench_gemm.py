@@ -1,7 +1,8 @@
-"""GEMM benchmark: mixq kernels vs the GPU peers, on Llama linear-layer shapes.
+"""GEMM benchmark (``python -m mixq bench gemm``): mixq kernels vs the GPU peers, on Llama
+linear-layer shapes.
 
 ``python -m mixq bench gemm [--json PATH] [--md PATH] [--shapes 1b,8b] [--m 1,16,128,512,2048]
-[--quick]`` (the CLI passes ``argv = ["gemm", ...]`` to `main`).
+[--modes ...] [--quick]``
 
 For every shape (N, K) and token count M it times, in one process on one GPU:
 
@@ -22,31 +23,33 @@ mixq_quant          the act-quant kernel alone (also reported as a fraction of c
 Method: real random data (x ~ N(0, 1) with the last 1% of channels scaled x30, like LLM
 activation outliers; w ~ N(0, 0.02)), never zeros. Each timed call runs inside a CUDA graph of
 `R` calls on `R` different input sets (weights included), replayed under
-``triton.testing.do_bench`` (median; do_bench flushes L2 before every replay), so launch
-overhead is amortized and no call finds its operands in L2. ``rel_err_vs_bf16`` is
-``||y - y_bf16||_F / ||y_bf16||_F`` against the bf16 output on the same data, i.e. the
-quantization error of the mode. The device's copy bandwidth (a 1 GiB device-to-device copy,
-bytes read + written) is measured in the same run; the quantize kernel's achieved bandwidth is
-reported as a fraction of it.
+``triton.testing.do_bench`` (`mixq.experiments.common.cuda_time_ms`; median; do_bench flushes
+L2 before every replay), so launch overhead is amortized and no call finds its operands in L2.
+``rel_err_vs_bf16`` is ``||y - y_bf16||_F / ||y_bf16||_F`` against the bf16 output on the same
+data, i.e. the quantization error of the mode. The device's copy bandwidth (a 1 GiB
+device-to-device copy, bytes read + written) is measured in the same run; the quantize kernel's
+achieved bandwidth is reported as a fraction of it.
 
-Output: a printed table per shape, and optionally JSON (``{"meta": {...}, "rows": [...]}``; every
-row carries gpu, torch and triton versions) and a Markdown table.
+Output: a printed table per shape; with ``--json`` the rows (one per shape, M and mode, each
+with the environment of `mixq.experiments.common.environment`) and ``<stem>.meta.json``; with
+``--md`` a Markdown table of all rows.
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 import platform
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SHAPES", "DEFAULT_M", "MODES", "main", "parse_args", "select_shapes",
-           "outlier_count", "add_speedups", "format_table", "format_markdown", "write_json",
-           "make_row"]
+from mixq.experiments.common import (ENV_KEYS, Timing, add_common_flags, comma_list, command_parser,
+                                     cuda_time_ms, environment, environment_note, input_sets,
+                                     int_list, markdown_table, write_outputs)
+
+__all__ = ["SHAPES", "DEFAULT_M", "QUICK_M", "MODES", "build_parser", "parse_args", "main",
+           "select_shapes", "outlier_count", "add_speedups", "format_table", "format_markdown",
+           "make_row", "copy_bandwidth", "tinygemm_weight", "run_gemm"]
 
 SHAPES: dict[str, list[tuple[str, int, int]]] = {
     "1b": [("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048),
@@ -80,7 +83,7 @@ def select_shapes(spec: str) -> list[tuple[str, int, int]]:
     Returns ``[(name, N, K), ...]`` with names like ``"8b.gate_up"``.
     """
     out: list[tuple[str, int, int]] = []
-    for item in (s.strip().lower() for s in spec.split(",") if s.strip()):
+    for item in (s.lower() for s in comma_list(spec)):
         model, _, layer = item.partition(".")
         if model not in SHAPES:
             raise ValueError(f"--shapes: unknown model {model!r} in {item!r}; "
@@ -95,23 +98,10 @@ def select_shapes(spec: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def _parse_ms(spec: str) -> list[int]:
-    try:
-        ms = [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError as e:
-        raise ValueError(f"--m must be a comma list of ints, got {spec!r}") from e
-    if not ms or any(m < 1 for m in ms):
-        raise ValueError(f"--m must list positive ints, got {spec!r}")
-    return ms
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse ``["gemm", ...]``; adds ``.shape_list`` and ``.m_list``."""
-    p = argparse.ArgumentParser(prog="python -m mixq bench",
-                                description="GEMM benchmark of mixq kernels vs peers")
-    p.add_argument("what", choices=["gemm"])
-    p.add_argument("--json", metavar="PATH", default=None, help="write rows as JSON here")
-    p.add_argument("--md", metavar="PATH", default=None, help="write a Markdown table here")
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python -m mixq bench gemm``."""
+    p = command_parser("bench gemm", "GEMM benchmark of mixq kernels vs peers (CUDA)")
+    add_common_flags(p, "json", "md")
     p.add_argument("--shapes", default="1b,8b",
                    help="models (1b, 8b) or layers (8b.gate_up), comma separated")
     p.add_argument("--m", default=None, help=f"token counts, default {','.join(map(str, DEFAULT_M))}")
@@ -119,10 +109,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help=f"short timing (fewer repeats) and M={','.join(map(str, QUICK_M))} "
                         "unless --m is given")
-    args = p.parse_args(list(argv))
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the flags; adds ``.shape_list``, ``.m_list`` and ``.mode_list`` (bf16 first).
+    Raises ValueError for bad --shapes / --m; unknown --modes exit through argparse."""
+    p = build_parser()
+    args = p.parse_args(None if argv is None else list(argv))
     args.shape_list = select_shapes(args.shapes)
-    args.m_list = _parse_ms(args.m) if args.m else list(QUICK_M if args.quick else DEFAULT_M)
-    modes = [s.strip() for s in args.modes.split(",") if s.strip()]
+    args.m_list = int_list(args.m, "--m") if args.m else list(QUICK_M if args.quick else DEFAULT_M)
+    modes = comma_list(args.modes)
     bad = [m for m in modes if m not in MODES]
     if bad:
         p.error(f"unknown modes {bad}; choose from {list(MODES)}")
@@ -132,10 +129,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def make_row(meta: dict, shape: str, n: int, k: int, m: int, mode: str, time_ms: float | None,
              rel_err: float | None, **extra) -> dict:
-    """One result row; `time_ms` None means the mode is unavailable (reason in extra['note'])."""
-    row = {"gpu": meta.get("gpu"), "torch": meta.get("torch"), "triton": meta.get("triton"),
-           "shape": shape, "N": n, "K": k, "M": m, "mode": mode, "time_ms": time_ms,
-           "speedup_vs_bf16": None, "rel_err_vs_bf16": rel_err}
+    """One result row (with the environment keys of `meta`); `time_ms` None means the mode is
+    unavailable (reason in extra['note'])."""
+    row = {**{k_: meta.get(k_) for k_ in ENV_KEYS}, "shape": shape, "N": n, "K": k, "M": m,
+           "mode": mode, "time_ms": time_ms, "speedup_vs_bf16": None, "rel_err_vs_bf16": rel_err}
     row.update(extra)
     return row
 
@@ -151,9 +148,7 @@ def add_speedups(rows: list[dict]) -> list[dict]:
 
 
 def _fmt(v, spec: str) -> str:
-    if v is None:
-        return "-"
-    return format(v, spec)
+    return "-" if v is None else format(v, spec)
 
 
 def _cells(r: dict) -> list[str]:
@@ -180,86 +175,39 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _note(r: dict) -> str:
+    note = r.get("note", "") or ""
+    if r.get("frac_of_copy_bw") is not None:
+        note = (note + "; " if note else "") + f"{100 * r['frac_of_copy_bw']:.0f}% of copy BW"
+    return note
+
+
 def format_markdown(rows: list[dict], meta: dict) -> str:
     """Markdown: a header with the device/versions/method, then one table of all rows."""
-    out = [f"# GEMM benchmark: {meta.get('gpu')}", "",
-           f"torch {meta.get('torch')}, triton {meta.get('triton')}, "
-           f"CUDA {meta.get('cuda')}; median of `triton.testing.do_bench` over CUDA-graph "
+    out = [f"# GEMM benchmark: {meta.get('device_name')}", "",
+           environment_note(meta) + " Median of `triton.testing.do_bench` over CUDA-graph "
            f"replays (L2 flushed before each), {meta.get('rotation', 'rotated inputs')}.", ""]
     if meta.get("copy_bandwidth_gbs"):
         out += [f"Device copy bandwidth (1 GiB D2D copy, read + write): "
                 f"{meta['copy_bandwidth_gbs']:.0f} GB/s.", ""]
     if meta.get("note"):
         out += [meta["note"], ""]
-    out.append("| shape | " + " | ".join(COLUMNS) + " | note |")
-    out.append("|" + "---|" * (len(COLUMNS) + 2))
-    for r in rows:
-        note = r.get("note", "") or ""
-        if r.get("frac_of_copy_bw") is not None:
-            note = (note + "; " if note else "") + f"{100 * r['frac_of_copy_bw']:.0f}% of copy BW"
-        out.append(f"| {r['shape']} | " + " | ".join(_cells(r)) + f" | {note} |")
+    columns = [("shape", "shape")] + [(c, lambda r, i=i: _cells(r)[i])
+                                      for i, c in enumerate(COLUMNS)] + [("note", _note)]
+    out.append(markdown_table(rows, columns))
     return "\n".join(out) + "\n"
-
-
-def write_json(path: str, rows: list[dict], meta: dict) -> None:
-    """Write ``{"meta": meta, "rows": rows}`` (creating the folder)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-
-
-def _write_md(path: str, rows: list[dict], meta: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(format_markdown(rows, meta))
 
 
 # ------------------------------------------------------------------------------------------
 # GPU side
 # ------------------------------------------------------------------------------------------
 
-@dataclass
-class _Timing:
-    warmup_ms: int
-    rep_ms: int
-
-
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     d = (y.float() - ref.float()).norm()
     return float(d / ref.float().norm().clamp_min(1e-30))
 
 
-def _time_ms(calls: list[Callable[[], object]], timing: _Timing) -> tuple[float, str]:
-    """Median ms per call: a CUDA graph of all `calls` (one per input set) replayed under
-    do_bench, divided by len(calls). Falls back to eager do_bench of calls[0]."""
-    from triton.testing import do_bench
-
-    for c in calls:                      # compile / autotune outside the capture
-        c()
-    torch.cuda.synchronize()
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for c in calls:
-                c()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for c in calls:
-                c()
-        t = do_bench(graph.replay, warmup=timing.warmup_ms, rep=timing.rep_ms,
-                     return_mode="median")
-        del graph
-        return t / len(calls), "graph"
-    except Exception:                    # noqa: BLE001 - any capture failure: time eagerly
-        torch.cuda.synchronize()
-        t = do_bench(calls[0], warmup=timing.warmup_ms, rep=timing.rep_ms, return_mode="median")
-        return t, "eager"
-
-
-def _copy_bandwidth(timing: _Timing) -> float:
+def copy_bandwidth(timing: Timing) -> float:
     """GB/s of a 1 GiB device-to-device copy, counting bytes read + written."""
     from triton.testing import do_bench
 
@@ -269,11 +217,6 @@ def _copy_bandwidth(timing: _Timing) -> float:
     t = do_bench(copy, warmup=timing.warmup_ms, rep=timing.rep_ms, return_mode="median")
     del src, copy                        # free the 2 GiB before the GEMM shapes
     return 2 * n / (t * 1e-3) / 1e9
-
-
-def _n_sets(call_bytes: int) -> int:
-    """Input sets to rotate: enough calls per graph replay to hide launch gaps, bounded in memory."""
-    return int(min(8, max(1, (256 << 20) // max(call_bytes, 1))))
 
 
 def _quant_weight_rows(w: torch.Tensor, group: int | None):
@@ -286,7 +229,7 @@ def _quant_weight_rows(w: torch.Tensor, group: int | None):
     return qt.q, qt.scale
 
 
-def _tinygemm_weight(w: torch.Tensor, group: int = 128):
+def tinygemm_weight(w: torch.Tensor, group: int = 128):
     """int4 g128 weights in tinygemm's format: packed tensor and (K/g, N, 2) bf16 scales/zeros."""
     q, s = _quant_weight_rows(w, group)                     # q in [-8, 7], w ~ q * s
     u = (q.to(torch.int32) + 8)                              # tinygemm: w = (u - 8) * s + z
@@ -299,7 +242,7 @@ def _tinygemm_weight(w: torch.Tensor, group: int = 128):
 class _ShapeBench:
     """All operands of one (N, K) shape for the largest M; modes slice x[:M]."""
 
-    def __init__(self, n: int, k: int, m_max: int, timing: _Timing):
+    def __init__(self, n: int, k: int, m_max: int, timing: Timing):
         self.n, self.k, self.timing = n, k, timing
         self.k_out = outlier_count(k)
         self.kq = k - self.k_out
@@ -327,7 +270,7 @@ class _ShapeBench:
             s = (w.float().abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
             return dict(w=torch.round(w.float() / s).clamp(-127, 127).to(torch.int8), s=s)
         if mode == "tinygemm_w4a16":
-            wp, sz = _tinygemm_weight(w)
+            wp, sz = tinygemm_weight(w)
             return dict(w=wp, sz=sz)
         if mode == "mixq_w4a16":
             from mixq.quant import pack_int4
@@ -433,10 +376,10 @@ class _ShapeBench:
 
     def run(self, mode: str, m: int) -> tuple[float, torch.Tensor | None, dict]:
         make, call_bytes = self.call_factory(mode, m)
-        n_sets = _n_sets(call_bytes)
+        n_sets = input_sets(call_bytes)
         sets = [self.operand_set(mode, m, copy=i > 0) for i in range(n_sets)]
         y = self.finish(mode, make(sets[0])(), sets[0])
-        t, how = _time_ms([make(o) for o in sets], self.timing)
+        t, how = cuda_time_ms([make(o) for o in sets], self.timing)
         del sets
         return t, y, dict(bytes=call_bytes, n_sets=n_sets, timing=how)
 
@@ -461,82 +404,80 @@ def _tuned_config(mode: str, m: int) -> str | None:
         return None
 
 
-def _meta() -> dict:
-    import triton
-
+def _meta(timing: Timing) -> dict:
     props = torch.cuda.get_device_properties(0)
-    return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-            "triton": triton.__version__, "cuda": torch.version.cuda,
-            "sm_count": props.multi_processor_count,
-            "host": platform.node(),
+    return {**environment("cuda"), "sm_count": props.multi_processor_count,
+            "host": platform.node(), "copy_bandwidth_gbs": copy_bandwidth(timing),
             "rotation": "inputs (weights included) rotated over up to 8 copies per graph replay",
             "note": (f"x ~ N(0,1) with the last {OUTLIER_FRACTION:.0%} of channels x{OUTLIER_GAIN:g} "
                      "(outliers); w ~ N(0, 0.02). int8_int_mm returns int32 (rescale not timed). "
                      "mixq_w4a4 activations are an int8 operand (one int4 code per byte).")}
 
 
+def _measure(sb: "_ShapeBench", meta: dict, name: str, m: int, mode: str, ref):
+    """``(row, output)`` of one mode at one M (row with a note, output None, when it failed)."""
+    n, k = sb.n, sb.k
+    try:
+        t, y, extra = sb.run(mode, m)
+    except Exception as e:  # noqa: BLE001 - a peer missing on this build
+        torch.cuda.empty_cache()
+        return make_row(meta, name, n, k, m, mode, None, None,
+                        note=f"unavailable: {type(e).__name__}: {str(e)[:160]}"), None
+    ref = y if mode == "bf16" else ref
+    err = _rel_err(y, ref) if (y is not None and ref is not None) else None
+    extra["gbs"] = extra["bytes"] / (t * 1e-3) / 1e9
+    extra["tops"] = 2 * m * n * k / (t * 1e-3) / 1e12 if mode != "mixq_quant" else None
+    if mode in ("mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_quant"):
+        extra["k_out"] = sb.k_out
+    if mode == "mixq_quant":
+        extra["frac_of_copy_bw"] = extra["gbs"] / meta["copy_bandwidth_gbs"]
+    cfg = _tuned_config(mode, m)
+    if cfg:
+        extra["config"] = cfg
+    return make_row(meta, name, n, k, m, mode, t, err, **extra), y
+
+
 def run_gemm(shapes: list[tuple[str, int, int]], ms: list[int], modes: list[str],
-             timing: _Timing, json_path: str | None = None, md_path: str | None = None) -> list[dict]:
-    """Benchmark every (shape, M, mode); returns rows (also written after each shape)."""
+             timing: Timing, json_path: str | None = None, md_path: str | None = None,
+             progress: bool = True) -> tuple[list[dict], dict]:
+    """Benchmark every (shape, M, mode) (bf16 first in `modes`: the reference of rel_err);
+    returns ``(rows, meta)``, also written after each shape."""
     from tqdm.auto import tqdm
 
-    meta = _meta()
-    meta["copy_bandwidth_gbs"] = _copy_bandwidth(timing)
+    meta = _meta(timing)
     rows: list[dict] = []
-    for name, n, k in tqdm(shapes, desc="shapes"):
+    for name, n, k in tqdm(shapes, desc="shapes", disable=not progress):
         sb = _ShapeBench(n, k, max(ms), timing)
         for m in ms:
             ref = None
             for mode in modes:
-                try:
-                    t, y, extra = sb.run(mode, m)
-                except Exception as e:  # noqa: BLE001 - a peer missing on this build
-                    rows.append(make_row(meta, name, n, k, m, mode, None, None,
-                                         note=f"unavailable: {type(e).__name__}: {str(e)[:160]}"))
-                    torch.cuda.empty_cache()
-                    continue
-                if mode == "bf16":
-                    ref = y
-                err = _rel_err(y, ref) if (y is not None and ref is not None) else None
-                extra["gbs"] = extra["bytes"] / (t * 1e-3) / 1e9
-                extra["tops"] = 2 * m * n * k / (t * 1e-3) / 1e12 if mode != "mixq_quant" else None
-                if mode in ("mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_quant"):
-                    extra["k_out"] = sb.k_out
-                if mode == "mixq_quant":
-                    extra["frac_of_copy_bw"] = extra["gbs"] / meta["copy_bandwidth_gbs"]
-                cfg = _tuned_config(mode, m)
-                if cfg:
-                    extra["config"] = cfg
-                rows.append(make_row(meta, name, n, k, m, mode, t, err, **extra))
+                row, y = _measure(sb, meta, name, m, mode, ref)
+                ref = y if mode == "bf16" else ref
+                rows.append(row)
                 del y
             del ref
         del sb
         torch.cuda.empty_cache()
         add_speedups(rows)
         tqdm.write(format_table([r for r in rows if r["shape"] == name]))
-        if json_path:
-            write_json(json_path, rows, meta)
-        if md_path:
-            _write_md(md_path, rows, meta)
-    return rows
+        write_outputs(json_path, md_path, rows, meta, format_markdown)
+    return rows, meta
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: ``main(["gemm", "--json", "results/gemm_h100.json", ...])``; returns exit code."""
-    import sys
-
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """``python -m mixq bench gemm ...``; returns the exit code (2 without a CUDA GPU)."""
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("mixq bench gemm needs a CUDA GPU (none found); nothing timed.")
         return 2
-    timing = _Timing(5, 25) if args.quick else _Timing(10, 60)
+    timing = Timing(5, 25) if args.quick else Timing(10, 60)
     torch.manual_seed(0)
-    rows = run_gemm(args.shape_list, args.m_list, args.mode_list, timing,
-                    json_path=args.json, md_path=args.md)
+    rows, _ = run_gemm(args.shape_list, args.m_list, args.mode_list, timing,
+                       json_path=args.json, md_path=args.md)
     print()
     print(format_table(rows))
     if args.json:
-        print(f"\nrows written to {args.json}")
+        print(f"\nrows written to {args.json} (meta beside it)")
     if args.md:
         print(f"markdown written to {args.md}")
     return 0

@@ -1,15 +1,18 @@
 """The MNIST pipeline (``python -m mixq mnist``): train the course MLP, quantize it in every
 mode and outlier fraction, evaluate, write the rows, the plot and the table.
 
+``python -m mixq mnist [--json results/mnist.json] [--smoke] [--figure PATH] [--device cpu]``
+
 The pieces (data, MLP, training, `quantize_mlp`, `evaluate`, `inject_outliers`) are
 `mixq.mnist`; this module runs the matrix of configurations over them.
 """
 from __future__ import annotations
 
-import json
+import argparse
 import math
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,9 +22,13 @@ from tqdm.auto import tqdm
 from mixq import data as _data
 from mixq import nn as qnn
 from mixq.config import QuantSpec
+from mixq.experiments.common import add_common_flags, command_parser, environment, write_results
 from mixq.mnist import (MLP, MNIST_W4_SPEC, calibration_stats, default_device, evaluate,
                         half_dtype, inject_outliers, load_mnist, quantize_mlp, train_mlp,
                         weight_nbytes)
+
+__all__ = ["DEFAULT_FRACTIONS", "SMOKE_FRACTIONS", "DEFAULT_FIGURE", "SMOKE_FIGURE", "figures_dir",
+           "run_pipeline", "format_table", "plot_accuracy_vs_outliers", "build_parser", "main"]
 
 DEFAULT_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.10)
 SMOKE_FRACTIONS = (0.01, 0.05)
@@ -34,6 +41,8 @@ def figures_dir() -> Path:
 
 
 DEFAULT_FIGURE = figures_dir() / "mnist_accuracy_vs_outliers.png"
+#: A smoke run's figure (git-ignored: a smoke run never replaces the committed one).
+SMOKE_FIGURE = figures_dir() / "mnist_accuracy_vs_outliers_smoke.png"
 
 
 ROW_W4_SPEC = QuantSpec(4, True, "row")
@@ -106,8 +115,9 @@ def run_pipeline(*, smoke: bool | None = None, json_path: str | Path | None = No
     Args:
         smoke: small and fast (6k train / 2k test, 2 epochs, fractions SMOKE_FRACTIONS, no
             extra weight specs); default `mixq.data.smoke_mode()`. The other arguments override.
-        json_path: write the rows there as a JSON list (each row also names device, torch, smoke,
-            seed) and the run description to ``<json_path stem>.meta.json`` (None: don't).
+        json_path: write the rows there (`mixq.experiments.common.write_results`; each row
+            also carries the environment, smoke and seed) and the run description to
+            ``<json_path stem>.meta.json`` (None: don't).
         figure_path: accuracy-vs-outlier-fraction PNG (None: no plot).
         epochs, n_train, n_test: training epochs and data subset sizes (None: all / default).
         fractions: W4A4 outlier fractions (RTN = 0 is always run).
@@ -169,24 +179,18 @@ def run_pipeline(*, smoke: bool | None = None, json_path: str | Path | None = No
     for r in rows:
         r["compression"] = fp32["weight_bytes"] / r["weight_bytes"]
         r["delta_pp"] = (r["accuracy"] - fp32["accuracy"]) * 100
+    env = environment(device)
     meta = {"smoke": smoke, "epochs": epochs if trained_here else None,
             "n_train": len(train_x), "n_test": len(test_x),
             "n_calib": len(calib_x), "seed": seed, "fractions": list(fractions),
             "inject": {"channels_per_layer": injected_channels, "scale": inject_scale}
             if inject else None,
             "train_seconds": train_s, "total_seconds": time.perf_counter() - t_start,
-            "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(),
-            "fp16_compute": f"{half_dtype()} weights, activations and matmul ({device.type})"}
+            "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "fp16_compute": f"{half_dtype()} weights, activations and matmul ({device.type})",
+            **env}
     if json_path is not None:
-        json_path = Path(json_path)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        # the results file is a flat list of rows (what plots and reports read); each row names
-        # the run's device and versions, the full run description goes beside it
-        run = {k: meta[k] for k in ("device", "torch", "smoke", "seed")}
-        json_path.write_text(json.dumps([{**r, **run} for r in rows], indent=2, allow_nan=False) + "\n")
-        json_path.with_suffix(".meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+        write_results(json_path, [{**r, **env, "smoke": smoke, "seed": seed} for r in rows], meta)
     if figure_path is not None:
         plot_accuracy_vs_outliers(rows, figure_path)
     return rows
@@ -271,3 +275,31 @@ def plot_accuracy_vs_outliers(rows: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python -m mixq mnist``."""
+    p = command_parser("mnist", "train, quantize and evaluate the MNIST MLP")
+    add_common_flags(p, "json", "smoke", "device", "quiet")
+    p.add_argument("--figure", metavar="PATH", default=None,
+                   help=f"accuracy-vs-outliers plot (default {DEFAULT_FIGURE.name} in "
+                        f"{DEFAULT_FIGURE.parent}; smoke runs: {SMOKE_FIGURE.name})")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mixq mnist ...``: run the pipeline, print the table; returns 0."""
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    smoke = args.smoke or _data.smoke_mode()
+    figure = args.figure or (SMOKE_FIGURE if smoke else DEFAULT_FIGURE)
+    rows = run_pipeline(smoke=smoke, json_path=args.json, figure_path=figure,
+                        device=args.device, progress=not args.quiet)
+    print(format_table(rows))
+    print(f"\nwall time: {time.perf_counter() - t0:.1f} s"
+          + (f"; rows written to {args.json}" if args.json else "") + f"; figure {figure}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

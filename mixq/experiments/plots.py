@@ -1,36 +1,35 @@
-"""Figures from benchmark results (``results/*.json``): load the rows, plot speedup vs M.
+"""Figures from result rows: GEMM speedup vs M, per-channel activation maxima, perplexity.
 
-The GEMM benchmark (`mixq.bench`, ``python -m mixq bench gemm --json PATH``) writes one row per
-(shape, M, mode)::
+The GEMM benchmark (`mixq.experiments.bench_gemm`, ``python -m mixq bench gemm --json PATH``)
+writes one row per (shape, M, mode)::
 
     {"shape": "8b.gate_up", "N": 28672, "K": 4096, "M": 2048, "mode": "mixq_w4a4",
-     "time_ms": 0.385, "speedup_vs_bf16": 1.6, "rel_err_vs_bf16": 0.09, "gpu": ..., ...}
+     "time_ms": 0.385, "speedup_vs_bf16": 1.6, "rel_err_vs_bf16": 0.09, "device_name": ...}
 
 where ``speedup_vs_bf16 = time_ms(bf16, same shape and M) / time_ms(mode)`` and ``time_ms`` is
-None for a mode that could not run on that machine. `load_gemm_results` reads such a file (the
-``{"meta": ..., "rows": [...]}`` dict that `mixq.bench.write_json` writes, or a bare list of
-rows) and `gemm_speedup_plot` draws one panel per shape: speedup over bf16 against M (log
-scale), one line per mode, bf16 itself as the dashed line at 1.
+None for a mode that could not run on that machine. `load_gemm_results` reads such a file
+(`mixq.experiments.common.read_results`) and `gemm_speedup_plot` draws one panel per shape:
+speedup over bf16 against M (log scale), one line per mode, bf16 itself as the dashed line at 1.
 
 For the LLM notebook: `channel_absmax_plot` (per-channel max |x| of linear inputs: activation
 outliers) and `perplexity_plot` (WikiText-2 perplexity by method and by FP16 outlier fraction).
 
 Plots are drawn on a `matplotlib.figure.Figure` (no pyplot, no global backend switch), so they
-work headless (Agg) and inside notebooks alike.
+work headless (Agg) and inside notebooks alike; `save_figure` writes one as a PNG.
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from mixq.data import project_dir  # re-exported: notebooks call plots.project_dir
+from mixq.experiments.common import read_results
 
 __all__ = ["GEMM_PLOT_MODES", "REQUIRED_ROW_KEYS", "project_dir", "load_gemm_results",
-           "gemm_speedup_plot", "channel_absmax_plot", "perplexity_plot"]
+           "save_figure", "gemm_speedup_plot", "channel_absmax_plot", "perplexity_plot"]
 
 GEMM_PLOT_MODES = ("bf16", "fp8_scaled_mm", "int8_int_mm", "tinygemm_w4a16", "mixq_w4a16",
                    "mixq_w4a4", "mixq_w4a4_outliers", "mixq_w4a4+quant")
@@ -72,14 +71,14 @@ def _check_rows(rows, where: str) -> list[dict]:
 
 
 def _with_speedups(rows: list[dict]) -> list[dict]:
-    """Copies of `rows`; ``speedup_vs_bf16`` recomputed (mixq.bench.add_speedups) when a timed
-    row lacks it (or has None, as `mixq.bench.make_row` leaves it), ``rel_err_vs_bf16``
+    """Copies of `rows`; ``speedup_vs_bf16`` recomputed (`bench_gemm.add_speedups`) when a
+    timed row lacks it (or has None, as `bench_gemm.make_row` leaves it), ``rel_err_vs_bf16``
     defaulted to None."""
     rows = copy.deepcopy(rows)
     for r in rows:
         r.setdefault("rel_err_vs_bf16", None)
     if any(r["time_ms"] is not None and r.get("speedup_vs_bf16") is None for r in rows):
-        from mixq.bench import add_speedups
+        from mixq.experiments.bench_gemm import add_speedups
         add_speedups(rows)
     return rows
 
@@ -88,44 +87,23 @@ def load_gemm_results(path: str | os.PathLike) -> tuple[list[dict], dict]:
     """Read GEMM benchmark rows written by ``python -m mixq bench gemm --json PATH``.
 
     Args:
-        path: a JSON file holding either ``{"meta": {...}, "rows": [row, ...]}`` (what
-            `mixq.bench.write_json` writes) or a bare list ``[row, ...]``. Every row needs the
-            keys `REQUIRED_ROW_KEYS` (shape str, N int, K int, M int, mode str, time_ms float
-            or None).
+        path: a results file (`mixq.experiments.common.read_results`: a list of rows with
+            ``<stem>.meta.json`` beside it, or the older ``{"meta": ..., "rows": [...]}``).
+            Every row needs the keys `REQUIRED_ROW_KEYS` (shape str, N int, K int, M int, mode
+            str, time_ms float or None).
     Returns:
         ``(rows, meta)``: rows as a list of dicts, each with ``speedup_vs_bf16`` (computed from
         the bf16 row of the same shape and M when the file lacks it; None without a timing)
-        and ``rel_err_vs_bf16`` (None when absent); meta the file's "meta" dict, or for a bare
-        list the ``gpu`` /
-        ``torch`` / ``triton`` of the first row.
+        and ``rel_err_vs_bf16`` (None when absent); meta as `read_results` gives it.
     Raises:
         FileNotFoundError: no such file. ValueError: not JSON, no rows, or a row lacking a key.
         TypeError: the JSON is neither a dict with "rows" nor a list of dicts.
     """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if isinstance(data, dict):
-        if "rows" not in data:
-            raise ValueError(f"{path}: a dict of results needs a 'rows' list, "
-                             f"got keys {sorted(data)}")
-        rows, meta = data["rows"], data.get("meta") or {}
-        if not isinstance(meta, dict):
-            raise TypeError(f"{path}: 'meta' must be a dict, got {type(meta).__name__}")
-    elif isinstance(data, list):
-        rows, meta = data, None
-    else:
-        raise TypeError(f"{path}: expected a dict with 'rows' or a list of rows, "
-                        f"got {type(data).__name__}")
-    rows = _with_speedups(_check_rows(rows, str(path)))
-    if meta is None:
-        meta = {k: rows[0].get(k) for k in ("gpu", "torch", "triton")}
-    return rows, dict(meta)
+    rows, meta = read_results(path)
+    return _with_speedups(_check_rows(rows, str(path))), meta
 
 
-def _save(fig, path: str | os.PathLike | None) -> None:
+def save_figure(fig, path: str | os.PathLike | None) -> None:
     """Write `fig` as a PNG to `path` (parent folders created); None writes nothing."""
     if path is not None:
         path = Path(path)
@@ -148,7 +126,8 @@ def gemm_speedup_plot(rows: Sequence[dict], path: str | os.PathLike | None = Non
         path: where to save the figure (PNG, dpi 120; parent folders are created); None: not
             saved.
         modes: modes to draw, in legend order; default `GEMM_PLOT_MODES` (those present).
-        title: figure title; default ``"GEMM speedup over bf16 on <gpu>"``.
+        title: figure title; default ``"GEMM speedup over bf16 on <device>"`` (the rows'
+            ``device_name``, or ``gpu`` in the older files).
         ncols: panels per row; default ``ceil(sqrt(number of shapes))``.
     Returns:
         the `matplotlib.figure.Figure` (not attached to pyplot; display it or close it).
@@ -210,9 +189,9 @@ def gemm_speedup_plot(rows: Sequence[dict], path: str | os.PathLike | None = Non
                 labels.append(lab)
     fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)),
                fontsize=9, frameon=False)
-    gpu = next((r.get("gpu") for r in rows if r.get("gpu")), None)
-    fig.suptitle(title or "GEMM speedup over bf16" + (f" on {gpu}" if gpu else ""))
-    _save(fig, path)
+    device = next((r.get(k) for r in rows for k in ("device_name", "gpu") if r.get(k)), None)
+    fig.suptitle(title or "GEMM speedup over bf16" + (f" on {device}" if device else ""))
+    save_figure(fig, path)
     return fig
 
 
@@ -269,7 +248,7 @@ def channel_absmax_plot(absmax, path: str | os.PathLike | None = None, *,
         ax.set_xlabel("input channel")
         ax.set_ylabel("max |x|")
     fig.suptitle(title or "Per-channel max |x| at linear inputs")
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -343,5 +322,5 @@ def perplexity_plot(rows: Sequence[dict], path: str | os.PathLike | None = None,
         ax.set_title("by outlier fraction", fontsize=10)
         ax.legend(fontsize=8, frameon=False)
     fig.suptitle(title or "WikiText-2 perplexity")
-    _save(fig, path)
+    save_figure(fig, path)
     return fig

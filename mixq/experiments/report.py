@@ -1,4 +1,5 @@
-"""The results report: figures and README tables regenerated from the committed ``results/*.json``.
+"""The results report (``python -m mixq report``): figures and README tables regenerated from
+the committed ``results/*.json``.
 
 ``python -m mixq report [--results results] [--figures figures] [--readme README.md] [--check]``
 
@@ -8,18 +9,19 @@ block and its figures):
 =================  ==========================  ===========================================
 file               written by                  table / figure
 =================  ==========================  ===========================================
-``mnist*.json``    ``python -m mixq mnist``    `mixq.mnist.format_table`; accuracy by method
+``mnist*.json``    ``python -m mixq mnist``    `mixq.experiments.mnist.format_table`;
+                                               accuracy by method
 ``llm_*.json``     ``python -m mixq sweep``    perplexity by method and FP16 outlier fraction
+``full_*.json``    ``python -m mixq full``     perplexity and KV bytes per step
 ``gemm_*.json``    ``python -m mixq bench      speedup over cuBLAS bf16 vs M, per shape, with
-                   gemm``                      the peers (`mixq.plots.gemm_speedup_plot`)
+                   gemm``                      the peers (`plots.gemm_speedup_plot`)
 ``e2e_*.json``     ``python -m mixq bench      tokens/s (prefill, decode at batch 1 / 16),
-                   e2e`` (`mixq.bench_e2e`)    peak GPU memory, weight bytes
+                   e2e``                       peak GPU memory, weight bytes
 =================  ==========================  ===========================================
 
-Files are either a flat list of row dicts (with the run's metadata in ``<stem>.meta.json``
-beside them) or ``{"meta": {...}, "rows": [...]}``; other files (``*.meta.json``,
-``w4a4_variants_*.json``) are not tables and are ignored. LLM rows that carry an ``error`` or no
-finite ``ppl`` are skipped and listed under their table.
+Files are read by `mixq.experiments.common.read_results`; other files (``*.meta.json``,
+``w4a4_variants_*.json``, ``ablation_*.json``) are not tables and are ignored. LLM rows that
+carry an ``error`` or no finite ``ppl`` are skipped and listed under their table.
 
 The README holds generated blocks between markers::
 
@@ -34,26 +36,24 @@ differs (stale), writing nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mixq.data import project_dir
-from mixq.plots import (GEMM_PLOT_MODES, _save, gemm_speedup_plot, load_gemm_results,
-                        perplexity_plot)
+from mixq.experiments.common import (command_parser, environment_note, is_number, markdown_table,
+                                     read_results)
+from mixq.experiments.plots import (GEMM_PLOT_MODES, gemm_speedup_plot, load_gemm_results,
+                                    perplexity_plot, save_figure)
 
-__all__ = ["KINDS", "Report", "markdown_table", "environment_note", "load_results", "result_kind",
-           "mnist_table", "llm_table", "gemm_table", "e2e_table", "mnist_accuracy_plot",
-           "llm_perplexity_plot", "e2e_plot", "build_report", "update_readme", "readme_blocks",
-           "main"]
+__all__ = ["KINDS", "Report", "result_kind", "mnist_table", "llm_table", "llm_skipped",
+           "full_table", "gemm_table", "e2e_table", "mnist_accuracy_plot", "llm_perplexity_plot",
+           "e2e_plot", "build_report", "update_readme", "readme_blocks", "build_parser", "main"]
 
-KINDS = ("mnist", "llm", "gemm", "e2e")
+KINDS = ("mnist", "llm", "full", "gemm", "e2e")
 _PREFIXES = (("mnist", "mnist"), ("llm_", "llm"), ("gemm_", "gemm"), ("e2e_", "e2e"),
              ("full_", "full"))
 _MARKER = re.compile(r"<!-- results:(?P<name>[A-Za-z0-9_.\-]+) -->\n(?P<body>.*?)"
@@ -62,92 +62,6 @@ _OPEN = re.compile(r"<!-- results:([A-Za-z0-9_.\-]+) -->")
 _CLOSE = re.compile(r"<!-- /results:([A-Za-z0-9_.\-]+) -->")
 
 
-# ------------------------------------------------------------------------------ markdown helpers
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _format_cell(v: Any, fmt: str | Callable[[Any], str] | None, missing: str) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return missing
-    if callable(fmt):
-        return str(fmt(v))
-    if fmt:
-        return fmt.format(v) if "{" in fmt else format(v, fmt)
-    return str(v)
-
-
-def markdown_table(rows: Sequence[Mapping], columns: Sequence, *, missing: str = "-",
-                   align: Sequence[str] | None = None) -> str:
-    """A GitHub Markdown table, one line per row.
-
-    Args:
-        rows: the rows (mappings), in table order.
-        columns: one entry per column: a key (header = key, value = ``row.get(key)``), or a
-            tuple ``(header, key_or_function)`` or ``(header, key_or_function, fmt)``, where a
-            function maps the row to the value and `fmt` is a format spec (``".2f"``), a
-            ``str.format`` template (``"{:.2f}x"``) or a function of the value.
-        missing: cell text for a value that is None or a non-finite float.
-        align: per column "l" or "r"; default "r" for a column whose non-missing values are all
-            numbers, "l" otherwise.
-    Returns:
-        ``"| h1 | h2 |\\n|---|---:|\\n| a | 1.00 |"`` (no trailing newline). ``|`` inside a
-        cell is escaped.
-    Raises:
-        TypeError: rows not a sequence of mappings, a malformed column.
-        ValueError: no columns, align of the wrong length or with a letter other than l / r.
-    """
-    if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Sequence):
-        raise TypeError(f"rows must be a sequence of mappings, got {type(rows).__name__}")
-    for i, r in enumerate(rows):
-        if not isinstance(r, Mapping):
-            raise TypeError(f"row {i} must be a mapping, got {type(r).__name__}")
-    if isinstance(columns, (str, bytes)) or not columns:
-        raise ValueError(f"columns must be a non-empty sequence, got {columns!r}")
-    specs = []
-    for c in columns:
-        if isinstance(c, str):
-            c = (c, c, None)
-        if not isinstance(c, tuple) or len(c) not in (2, 3) or not isinstance(c[0], str) \
-                or not (isinstance(c[1], str) or callable(c[1])):
-            raise TypeError(f"column must be a key or (header, key_or_function[, fmt]), got {c!r}")
-        specs.append((c[0], c[1], c[2] if len(c) == 3 else None))
-    if align is not None and (len(align) != len(specs) or any(a not in "lr" for a in align)):
-        raise ValueError(f"align must give 'l' or 'r' for each of the {len(specs)} columns, "
-                         f"got {align!r}")
-    values = [[(get(r) if callable(get) else r.get(get)) for _, get, _ in specs] for r in rows]
-    if align is None:
-        align = []
-        for j in range(len(specs)):
-            present = [v[j] for v in values if v[j] is not None]
-            align.append("r" if present and all(_is_number(x) for x in present) else "l")
-    lines = ["| " + " | ".join(h for h, _, _ in specs) + " |",
-             "|" + "".join("---:|" if a == "r" else "---|" for a in align)]
-    for vals in values:
-        cells = [_format_cell(v, fmt, missing).replace("|", "\\|")
-                 for v, (_, _, fmt) in zip(vals, specs)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def environment_note(meta: Mapping, source: str | None = None) -> str:
-    """One line naming the device and versions of a run, e.g. ``"Device: NVIDIA H100 80GB HBM3;
-    torch 2.11.0+cu130, triton 3.6.0, CUDA 13.0 (`results/gemm_h100.json`)."``.
-
-    The device is the first of ``device_name``, ``gpu``, ``device`` in `meta`; versions listed
-    are those of torch, triton, transformers, CUDA present in it; `source` (a path) is appended.
-    """
-    if not isinstance(meta, Mapping):
-        raise TypeError(f"meta must be a mapping, got {type(meta).__name__}")
-    device = next((meta[k] for k in ("device_name", "gpu", "device") if meta.get(k)), "unknown")
-    versions = [f"{label} {meta[k]}" for k, label in
-                (("torch", "torch"), ("triton", "triton"), ("transformers", "transformers"),
-                 ("cuda", "CUDA")) if meta.get(k)]
-    text = f"Device: {device}" + ("; " + ", ".join(versions) if versions else "")
-    return text + (f" (`{source}`)" if source else "") + "."
-
-
-# ------------------------------------------------------------------------------------ loading
 def result_kind(path: str | os.PathLike) -> str | None:
     """The kind (one of `KINDS`) of a results file from its name, None for other files."""
     name = Path(path).name
@@ -157,59 +71,17 @@ def result_kind(path: str | os.PathLike) -> str | None:
     return next((kind for prefix, kind in _PREFIXES if stem.startswith(prefix)), None)
 
 
-def load_results(path: str | os.PathLike) -> tuple[list[dict], dict]:
-    """Read a results file: ``(rows, meta)``.
-
-    Args:
-        path: a JSON file holding a list of row dicts or ``{"meta": {...}, "rows": [...]}``.
-    Returns:
-        rows (list of dicts) and meta: the file's "meta" merged over ``<stem>.meta.json`` (if
-        that exists) and, for keys still missing, the device / version keys of the first row.
-    Raises:
-        FileNotFoundError: no such file. ValueError: not JSON, or no "rows" in a dict.
-        TypeError: neither a list of dicts nor a dict with a list of rows.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    meta: dict = {}
-    side = path.with_name(path.name[:-len(".json")] + ".meta.json") \
-        if path.name.endswith(".json") else None
-    if side is not None and side.is_file():
-        meta.update(json.loads(side.read_text()))
-    if isinstance(data, dict):
-        if not isinstance(data.get("rows"), list):
-            raise ValueError(f"{path}: a dict of results needs a 'rows' list, got keys {sorted(data)}")
-        meta.update(data.get("meta") or {})
-        rows = data["rows"]
-    elif isinstance(data, list):
-        rows = data
-    else:
-        raise TypeError(f"{path}: expected a list of rows or a dict with 'rows', "
-                        f"got {type(data).__name__}")
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            raise TypeError(f"{path}: row {i} must be a dict, got {type(r).__name__}")
-    if rows:
-        for k in ("device_name", "gpu", "device", "torch", "triton", "transformers"):
-            if k not in meta and rows[0].get(k) is not None:
-                meta[k] = rows[0][k]
-    return rows, meta
-
-
 # ------------------------------------------------------------------------------------- tables
 def mnist_table(rows: list[dict], meta: Mapping, source: str | None = None) -> str:
-    """The MNIST table (`mixq.mnist.format_table`) under its environment line."""
-    from mixq.mnist import format_table
+    """The MNIST table (`mixq.experiments.mnist.format_table`) under its environment line."""
+    from mixq.experiments.mnist import format_table
 
     return environment_note(meta, source) + "\n\n" + format_table(rows)
 
 
 def _llm_ok(r: dict) -> bool:
     p = r.get("ppl")
-    return not r.get("error") and _is_number(p) and math.isfinite(p) and p > 0
+    return not r.get("error") and is_number(p) and math.isfinite(p) and p > 0
 
 
 def llm_skipped(rows: list[dict]) -> list[tuple[str, str]]:
@@ -217,6 +89,11 @@ def llm_skipped(rows: list[dict]) -> list[tuple[str, str]]:
     return [(str(r.get("config", "?")),
              str(r["error"]) if r.get("error") else "no finite perplexity")
             for r in rows if not _llm_ok(r)]
+
+
+def _worst_layers(row: dict) -> str:
+    """"L12 0.41, L3 0.30": the decoder layers with the largest own error (``worst_layers``)."""
+    return ", ".join(f"L{i} {e:.2f}" for i, e in row.get("worst_layers") or [])
 
 
 def llm_table(rows: list[dict], meta: Mapping, source: str | None = None) -> str:
@@ -235,8 +112,7 @@ def llm_table(rows: list[dict], meta: Mapping, source: str | None = None) -> str
             ("weight MB", lambda r: r.get("weight_bytes") and r["weight_bytes"] / 1e6, ".1f"),
             ("prefill tok/s", "prefill_tok_s", ".0f"), ("decode tok/s", "decode_tok_s", ".1f")]
     if any(r.get("worst_layers") for r in ok):
-        from mixq.sweep import _worst
-        cols.append(("worst layers (rel. err)", _worst))
+        cols.append(("worst layers (rel. err)", _worst_layers))
     parts = [head, "", markdown_table(ok, cols) if ok else "_no row with a perplexity_"]
     skipped = llm_skipped(rows)
     if skipped:
@@ -267,7 +143,7 @@ def gemm_table(rows: list[dict], meta: Mapping, source: str | None = None, *,
     """Speedup over cuBLAS bf16 per (shape, M): one column per peer / mixq mode.
 
     Args:
-        rows: rows of `mixq.plots.load_gemm_results` (with ``speedup_vs_bf16``).
+        rows: rows of `plots.load_gemm_results` (with ``speedup_vs_bf16``).
         meta: the run's meta (device, versions). source: path named in the environment line.
         shape_prefix: keep shapes starting with it (default the Llama-3-8B ones); all shapes
             when None or when none matches.
@@ -305,14 +181,15 @@ def _e2e_speedups(rows: list[dict]) -> list[dict]:
     for r in rows:
         r = dict(r)
         b, t = base.get((r.get("model"), r.get("phase"), r.get("batch"))), r.get("tokens_per_s")
-        r["speedup_vs_bf16"] = t / b if (_is_number(t) and _is_number(b) and b > 0) else None
+        r["speedup_vs_bf16"] = t / b if (is_number(t) and is_number(b) and b > 0) else None
         out.append(r)
     return out
 
 
 def e2e_table(rows: list[dict], meta: Mapping, source: str | None = None) -> str:
-    """End-to-end table (`mixq.bench_e2e` rows): tokens/s, speedup over HF bf16 of the same
-    model / phase / batch, peak GPU memory, weight bytes; rows with an error listed below."""
+    """End-to-end table (`mixq.experiments.bench_e2e` rows): tokens/s, speedup over HF bf16 of
+    the same model / phase / batch, peak GPU memory, weight bytes; rows with an error listed
+    below."""
     ok = [r for r in rows if not r.get("error")]
     note = environment_note(meta, source)
     if meta.get("static_cache") is not None or meta.get("compile") is not None:
@@ -347,7 +224,7 @@ def mnist_accuracy_plot(rows: list[dict], meta: Mapping, path: str | os.PathLike
     (the trained MLP, and the copy with planted outlier channels when present).
 
     Args:
-        rows: `mixq.mnist.run_pipeline` rows (label, mode, model, accuracy in [0, 1]).
+        rows: `mixq.experiments.mnist.run_pipeline` rows (label, mode, model, accuracy in [0, 1]).
         meta: the run's meta (device / torch named in the title).
         path: PNG to write (parents created); None: not saved.
     Returns:
@@ -357,7 +234,7 @@ def mnist_accuracy_plot(rows: list[dict], meta: Mapping, path: str | os.PathLike
     """
     import seaborn as sns
 
-    good = [r for r in rows if r.get("label") and r.get("mode") and _is_number(r.get("accuracy"))]
+    good = [r for r in rows if r.get("label") and r.get("mode") and is_number(r.get("accuracy"))]
     if not good:
         raise ValueError("mnist_accuracy_plot: no row with label, mode and accuracy")
     models = list(dict.fromkeys(r.get("model", "trained") for r in good))
@@ -379,12 +256,12 @@ def mnist_accuracy_plot(rows: list[dict], meta: Mapping, path: str | os.PathLike
         ax.set_title("trained MLP" if model == "trained" else
                      f"{model} copy (planted activation outliers)", fontsize=10)
     fig.suptitle("MNIST MLP accuracy by method and bits\n" + environment_note(meta), fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
 def llm_perplexity_plot(rows: list[dict], meta: Mapping, path: str | os.PathLike | None = None):
-    """`mixq.plots.perplexity_plot` of a sweep file: bars per config with a perplexity, and the
+    """`plots.perplexity_plot` of a sweep file: bars per config with a perplexity, and the
     line over the FP16 outlier fraction of the plain (RTN) W4A4 configs; FP16 as baseline.
     Raises ValueError when no row has a perplexity."""
     ok = [r for r in rows if _llm_ok(r)]
@@ -405,7 +282,7 @@ def e2e_plot(rows: list[dict], meta: Mapping, path: str | os.PathLike | None = N
     bytes (GiB) per mode, one row of panels per model. Raises ValueError without timed rows."""
     import seaborn as sns
 
-    ok = [r for r in rows if not r.get("error") and _is_number(r.get("tokens_per_s"))]
+    ok = [r for r in rows if not r.get("error") and is_number(r.get("tokens_per_s"))]
     if not ok:
         raise ValueError("e2e_plot: no row with tokens_per_s")
     models = list(dict.fromkeys(r["model"] for r in ok))
@@ -436,7 +313,7 @@ def e2e_plot(rows: list[dict], meta: Mapping, path: str | os.PathLike | None = N
             ax.tick_params(axis="x", labelrotation=20)
     fig.suptitle(f"End-to-end: Hugging Face {meta.get('dtype', 'bf16')} vs mixq\n"
                  + environment_note(meta), fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -480,11 +357,7 @@ def build_report(results_dir: str | os.PathLike | None = None,
         kind, stem = result_kind(path), path.name[:-len(".json")]
         source = f"{results_dir.name}/{path.name}"
         try:
-            if kind == "gemm":
-                rows, meta = load_gemm_results(path)
-                meta = {**load_results(path)[1], **meta}
-            else:
-                rows, meta = load_results(path)
+            rows, meta = (load_gemm_results if kind == "gemm" else read_results)(path)
         except (ValueError, TypeError) as e:
             report.skipped.append((path.name, "*", f"unreadable: {e}"))
             continue
@@ -563,8 +436,7 @@ def update_readme(readme_text: str, tables: Mapping[str, str]) -> str:
 
 # ---------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mixq report",
-                                description="figures and README tables from results/*.json")
+    p = command_parser("report", "figures and README tables from results/*.json")
     p.add_argument("--results", default=None, help="results folder (default <repo>/results)")
     p.add_argument("--figures", default=None, help="figures folder (default <repo>/figures)")
     p.add_argument("--readme", default=None,
@@ -577,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m mixq report ...``; returns 0, or 1 when ``--check`` finds a stale README."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    args = build_parser().parse_args(None if argv is None else list(argv))
     readme = Path(args.readme) if args.readme else project_dir("README.md")
     report = build_report(args.results, args.figures, suffix=args.suffix,
                           figures=not args.check, progress=not args.check)

@@ -15,7 +15,7 @@ import dataclasses
 import torch
 
 from mixq.config import AttentionQuantConfig
-from mixq.hf.kv_cache import KV4Cache
+from mixq.hf.kv_cache import KV4Cache, find_kv4_cache
 from mixq.reference.attention import check_attention_config, quantized_attention_reference
 
 __all__ = ["mixq_attention_forward", "enable_quantized_attention", "disable_quantized_attention",
@@ -111,23 +111,8 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return mods
 
 
-#: Keyword names under which transformers hands the cache to an attention module: ``cache``
-#: (5.25 and later; ``past_key_values`` is deprecated there), ``past_key_values`` (5.x before)
-#: and ``past_key_value`` (4.x).
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
-
-
-def _find_cache(args, kwargs):
-    """The `KV4Cache` among an attention module's call arguments, whatever transformers calls
-    it (see `_CACHE_KWARGS`; positional arguments are searched too), or None."""
-    for name in _CACHE_KWARGS:
-        if isinstance(kwargs.get(name), KV4Cache):
-            return kwargs[name]
-    return next((a for a in args if isinstance(a, KV4Cache)), None)
-
-
 def _capture_cache(module, args, kwargs):
-    module._mixq_kv_cache = _find_cache(args, kwargs)
+    module._mixq_kv_cache = find_kv4_cache(args, kwargs)
     if module._mixq_kv_cache is not None:
         module._mixq_kv_cache.packed_reads = True
 

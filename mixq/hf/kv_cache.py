@@ -16,10 +16,22 @@ attention and also for the tokens of the current call: a full-sequence forward t
 exactly as a decode step would read them from the cache (how `mixq.eval.perplexity` measures
 the accuracy of the 4-bit cache).
 
-A cache serves one sequence batch: `generate()` with a cache that already holds tokens
-continues that sequence (as HF's caches do); to start a new prompt call ``cache.reset()`` or
-build a fresh one (`mixq.make_cache`). A prompt whose batch size or head layout does not fit
-the held tokens raises ValueError.
+A cache serves one sequence batch. `generate()` with a cache that already holds S tokens
+continues that sequence, as HF's caches do: generate feeds only the prompt's tokens beyond the
+first S and attends to the cached keys/values for those, so the prompt must *start with* the S
+held tokens (e.g. the previous ``generate()`` output followed by new text); otherwise the
+output is silently wrong, or, for a prompt of at most S tokens, nothing is fed at all. A HF
+cache cannot tell; a `KV4Cache` can, on a model that `guard_generate` has set up
+(`mixq.make_cache` does): a forward pre-hook records the ids of the tokens fed with the cache
+(`KV4Cache.token_ids`), and ``model.generate`` first calls `KV4Cache.check_prompt`, which raises
+ValueError unless the prompt continues the held tokens: it must be longer than S, have their
+batch size and start with their ids, which must be known (not fed as ``inputs_embeds`` or
+through a model without the hook) and held by every layer (not a forward that failed
+part-way). To start a new prompt call ``cache.reset()`` or build a fresh cache
+(`mixq.make_cache`). Keys/values whose head layout does not fit the held ones raise ValueError
+in `KV4Layer.update`. The check costs one host synchronisation per ``generate()`` call
+(comparing the prompt with the held ids) and none per decode step: the hook only appends the
+step's ids.
 """
 from __future__ import annotations
 
@@ -32,10 +44,16 @@ from mixq.reference.kv_cache import (KV_BITS, dequantize_kv, pack_codes, quantiz
                                      quantize_keys)
 from mixq.validation import check_tensor
 
-__all__ = ["KV4Layer", "KV4Cache"]
+__all__ = ["KV4Layer", "KV4Cache", "guard_generate", "find_kv4_cache", "CACHE_KWARGS"]
 
 _BITS = KV_BITS
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+#: Keyword names under which transformers hands a cache to a model's forward / generate():
+#: ``cache`` (5.25 and later; ``past_key_values`` is deprecated there), ``past_key_values``
+#: (5.x before) and ``past_key_value`` (4.x; attention modules).
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+_GUARD_ATTR = "_mixq_cache_guard"
+_MAX_CHUNKS = 32              # token-id chunks kept before they are concatenated into one
 
 
 def _check_args(bits, group_size) -> None:
@@ -188,6 +206,10 @@ class KV4Cache(Cache):
         dequantized_reads: always return the dequantized K/V from `update`, also while mixq
             attention asks for packed reads (see the module docstring): for accuracy
             measurements of a full-sequence forward, not for fast decoding.
+
+    Token ids: on a model set up by `guard_generate`, every forward with this cache records the
+    ids it feeds (`record_tokens`); `token_ids` returns them and `check_prompt` (called by the
+    guarded ``generate``) refuses a prompt that does not continue them. `reset` empties both.
     """
 
     def __init__(self, config=None, *, bits: int = 4, group_size: int = 32,
@@ -205,6 +227,7 @@ class KV4Cache(Cache):
         self.bits, self.group_size = bits, group_size
         self.dequantized_reads = dequantized_reads
         self._packed_reads = False
+        self._clear_tokens()
 
     @property
     def packed_reads(self) -> bool:
@@ -228,3 +251,187 @@ class KV4Cache(Cache):
     def kv_bytes(self) -> int:
         """Bytes held by every layer (codes, scales, residual windows)."""
         return sum(layer.kv_bytes() for layer in self.layers)
+
+    # -- the token ids of the held sequence ----------------------------------------------------
+    def _clear_tokens(self) -> None:
+        self._token_chunks: list[torch.Tensor] = []    # int64 (B, n) each, in feeding order
+        self._n_tokens = 0                              # tokens recorded (ids known or not)
+        self._ids_known = True
+
+    def record_tokens(self, input_ids: torch.Tensor | None, n: int) -> None:
+        """Note the `n` tokens a forward is about to feed: `input_ids` int (B, n), or None when
+        they come as ``inputs_embeds`` (their ids are then unknown and `token_ids` is None
+        until `reset`). Called by the forward pre-hook of `guard_generate`; appends a copy of
+        the ids (no host synchronisation)."""
+        self._n_tokens += int(n)
+        ok = (self._ids_known and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2
+              and not input_ids.is_floating_point() and input_ids.shape[1] == n
+              and (not self._token_chunks
+                   or self._token_chunks[0].shape[0] == input_ids.shape[0]))
+        if not ok:
+            self._ids_known, self._token_chunks = False, []
+            return
+        self._token_chunks.append(input_ids.detach().to(torch.int64, copy=True))
+        if len(self._token_chunks) > _MAX_CHUNKS:
+            self._token_chunks = [torch.cat(self._token_chunks, dim=1)]
+
+    @property
+    def token_ids(self) -> torch.Tensor | None:
+        """int64 (B, S): the ids of the S tokens whose keys/values the cache holds, when every
+        one was recorded (`record_tokens`) and every layer holds S tokens; else None (ids fed as
+        embeddings, a forward without the `guard_generate` hook, or one that failed part-way).
+        Ids recorded by a forward that failed before any layer stored its tokens are dropped.
+        Empty cache: None."""
+        lengths = {layer.get_seq_length() for layer in self.layers}
+        if len(lengths) != 1 or not self._ids_known or not self._token_chunks:
+            return None
+        (s,) = lengths
+        if s == 0 or s > self._n_tokens:
+            return None
+        if len(self._token_chunks) > 1 or s < self._n_tokens:
+            self._token_chunks = [torch.cat(self._token_chunks, dim=1)[:, :s]]
+            self._n_tokens = s
+        return self._token_chunks[0]
+
+    def check_prompt(self, input_ids) -> None:
+        """Raise ValueError unless ``generate(input_ids, past_key_values=self)`` continues the
+        held sequence (see the module docstring); an empty cache accepts any prompt.
+
+        Args:
+            input_ids: int (B, L) prompt ids, or None (a prompt given as ``inputs_embeds``).
+        Raises:
+            ValueError: the cache holds S > 0 tokens and the layers disagree on S, the held ids
+                are unknown, `input_ids` is not an int (B, L) tensor, B differs from the held
+                batch, L <= S, or ``input_ids[:, :S]`` differs from `token_ids` (one host
+                synchronisation).
+        """
+        lengths = sorted({layer.get_seq_length() for layer in self.layers})
+        if lengths[-1:] in ([], [0]):
+            if self._n_tokens:
+                self._clear_tokens()    # a forward failed before any layer stored a token
+            return
+        how = ("To continue the cached sequence pass it followed by new tokens (e.g. the "
+               "previous generate() output plus the next input); for a new prompt call "
+               "cache.reset() or use a fresh cache (mixq.make_cache(model)).")
+        if len(lengths) > 1:
+            raise ValueError(f"this KV4Cache is inconsistent: its layers hold {lengths} tokens "
+                             "(a forward failed part-way); call cache.reset() or use a fresh "
+                             "cache (mixq.make_cache(model))")
+        s = lengths[0]
+        held = self.token_ids
+        if held is None:
+            raise ValueError(
+                f"this KV4Cache holds {s} tokens whose ids it did not record (fed as "
+                "inputs_embeds, or through a model that mixq.make_cache / "
+                "mixq.hf.kv_cache.guard_generate did not set up), so it cannot check that the "
+                "prompt continues them; call cache.reset() or use a fresh cache "
+                "(mixq.make_cache(model)) for a new prompt")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or \
+                input_ids.is_floating_point():
+            what = "none" if input_ids is None else (
+                f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))}")
+            raise ValueError(f"this KV4Cache holds {s} tokens; generate() can continue them only "
+                             f"from int input_ids (B, L) that start with them, got {what}. {how}")
+        b, length = input_ids.shape
+        if b != held.shape[0]:
+            raise ValueError(f"the prompt has batch size {b} but this KV4Cache holds a sequence "
+                             f"batch of {held.shape[0]}. {how}")
+        if length <= s:
+            raise ValueError(f"the prompt has {length} tokens but this KV4Cache already holds {s}: "
+                             f"generate() would feed it no new token. {how}")
+        if not torch.equal(input_ids[:, :s].to(device=held.device, dtype=torch.int64), held):
+            raise ValueError(
+                f"the prompt does not start with the {s} tokens this KV4Cache holds (from an "
+                f"earlier generate() or forward): generate() would feed only its tokens "
+                f"{s}..{length - 1} and attend to the cached keys/values as if they were its "
+                f"first {s}, i.e. silently wrong output. {how}")
+
+    def _map_tokens(self, fn) -> None:
+        held = self.token_ids
+        if held is not None:
+            self._token_chunks = [fn(held)]
+        elif self._n_tokens:
+            self._ids_known, self._token_chunks = False, []
+
+    def reset(self) -> None:
+        """Empty every layer and forget the recorded token ids: the cache takes a new prompt."""
+        super().reset()
+        self._clear_tokens()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_tokens(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_tokens(lambda t: t.repeat_interleave(repeats, dim=0))
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_tokens(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor)
+                                     else indices, ...])
+        super().batch_select_indices(indices)
+
+
+# ------------------------------------------------------------------------------- generate() guard
+def find_kv4_cache(args, kwargs) -> KV4Cache | None:
+    """The `KV4Cache` among a call's arguments (a model's or an attention module's forward,
+    generate()), whatever transformers calls it (keyword names `CACHE_KWARGS`, or
+    positional), or None."""
+    for name in CACHE_KWARGS:
+        if isinstance(kwargs.get(name), KV4Cache):
+            return kwargs[name]
+    return next((a for a in args if isinstance(a, KV4Cache)), None)
+
+
+def _record_hook(model, args, kwargs) -> None:
+    """Forward pre-hook of `guard_generate`: the tokens this forward feeds a `KV4Cache`."""
+    cache = find_kv4_cache(args, kwargs)
+    if cache is None:
+        return
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if isinstance(ids, torch.Tensor):
+        n = int(ids.shape[-1]) if ids.dim() else 0
+        if n == 0 and cache.get_seq_length() > 0:     # shapes only: no synchronisation
+            raise ValueError(f"input_ids {tuple(ids.shape)} feed no token to a KV4Cache holding "
+                             f"{cache.get_seq_length()}: a generate() prompt must be longer than "
+                             "the cached sequence it continues (cache.reset() for a new prompt)")
+        cache.record_tokens(ids, n)
+        return
+    embeds = kwargs.get("inputs_embeds")
+    n = int(embeds.shape[1]) if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 else 0
+    cache.record_tokens(None, n)
+
+
+def _guarded_generate(model, *args, **kwargs):
+    """``model.generate`` after `guard_generate`: `KV4Cache.check_prompt`, then the class's
+    generate unchanged."""
+    cache = find_kv4_cache((), kwargs)
+    if cache is not None:
+        ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+        cache.check_prompt(ids)
+    return type(model).generate(model, *args, **kwargs)
+
+
+def guard_generate(model: torch.nn.Module) -> torch.nn.Module:
+    """Set `model` up so that a `KV4Cache` knows which tokens it holds; in place, idempotent.
+
+    Installs (once) a forward pre-hook that hands every `KV4Cache` passed to the model the ids
+    of the tokens the call feeds (`KV4Cache.record_tokens`; a call that feeds no token to a
+    non-empty cache raises ValueError, from shapes only), and replaces ``model.generate`` by a
+    wrapper that runs `KV4Cache.check_prompt` on the prompt before the class's ``generate``
+    (other caches, or none, pass unchanged). `mixq.make_cache` calls it.
+
+    Args:
+        model: a transformers causal LM (has ``generate``).
+    Returns:
+        `model`.
+    """
+    if not isinstance(model, torch.nn.Module) or not callable(getattr(type(model), "generate",
+                                                                       None)):
+        raise TypeError(f"model must be a transformers causal LM with generate(), "
+                        f"got {type(model).__name__}")
+    if not getattr(model, _GUARD_ATTR, False):
+        model.register_forward_pre_hook(_record_hook, with_kwargs=True)
+        model.generate = functools.partial(_guarded_generate, model)
+        setattr(model, _GUARD_ATTR, True)
+    return model

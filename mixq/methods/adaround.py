@@ -188,6 +188,11 @@ class AdaRound:
         leaf = name.rsplit(".", 1)[-1]
         return linear_kind(name) in self.kinds or leaf.removesuffix("_proj") in self.kinds
 
+    def quantizes_weight(self, name: str, group_kind: str) -> bool:
+        """Whether `apply` hands the linear `name` (within its layer; LinearGroup kind
+        `group_kind`) method-quantized int4 weights (``ctx.qweights``): those of its linear `kinds`."""
+        return self._selected(name)
+
     def apply(self, ctx: LayerContext) -> None:
         for g in ctx.groups:
             for n, lin in zip(g.names, g.linears):

@@ -373,11 +373,11 @@ def fold_norm_into_linears(group) -> None:
 # ----------------------------------------------------------------------------- weights
 def weight_block_cols(spec: QuantSpec, k: int) -> int:
     """Columns sharing one scale along K (group size / tile width; K for row and tensor)."""
-    return {"group": spec.group_size, "tile": spec.tile[1]}.get(spec.granularity, k)
+    return spec.block_cols if spec.granularity in ("group", "tile") else k
 
 
 def _padded_shape(n: int, k: int, spec: QuantSpec) -> tuple[int, int]:
-    bc = {"group": spec.group_size, "tile": spec.tile[1]}.get(spec.granularity, 1)
+    bc = spec.block_cols
     br = spec.tile[0] if spec.granularity == "tile" else 1
     return math.ceil(n / br) * br, math.ceil(k / bc) * bc
 

@@ -92,6 +92,11 @@ class Clip:
         check_int(self.n_grid, "Clip.n_grid", 2, 200)
         check_number(self.max_shrink, "Clip.max_shrink", 0.0, 1.0, lo_open=True, hi_open=True)
 
+    def quantizes_weight(self, name: str, group_kind: str) -> bool:
+        """Whether `apply` hands the linear `name` (within its layer; LinearGroup kind
+        `group_kind`) method-quantized int4 weights (``ctx.qweights``): every linear."""
+        return True
+
     def apply(self, ctx: LayerContext) -> None:
         for g in ctx.groups:
             for n, lin in zip(g.names, g.linears):

@@ -134,6 +134,11 @@ class GPTQ:
         if not isinstance(self.act_order, bool):
             raise ValueError(f"GPTQ.act_order must be a bool, got {self.act_order!r}")
 
+    def quantizes_weight(self, name: str, group_kind: str) -> bool:
+        """Whether `apply` hands the linear `name` (within its layer; LinearGroup kind
+        `group_kind`) method-quantized int4 weights (``ctx.qweights``): every linear."""
+        return True
+
     def apply(self, ctx: LayerContext) -> None:
         for g in ctx.groups:
             for n, lin in zip(g.names, g.linears):

@@ -34,6 +34,11 @@ class RTN:
             for k in self.kinds:
                 check_choice(k, "RTN.kinds item", ("attn_in", "attn_out", "mlp_in", "mlp_out"))
 
+    def quantizes_weight(self, name: str, group_kind: str) -> bool:
+        """Whether `apply` hands the linear `name` (within its layer; LinearGroup kind
+        `group_kind`) method-quantized int4 weights (``ctx.qweights``): those of the group `kinds` (None: all)."""
+        return self.kinds is None or group_kind in self.kinds
+
     def apply(self, ctx: LayerContext) -> None:
         for g in ctx.groups:
             if self.kinds is not None and g.kind not in self.kinds:

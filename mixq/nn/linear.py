@@ -89,11 +89,6 @@ def _check_spec(spec, name: str, *, max_bits: int, symmetric_only: bool,
     return spec
 
 
-def _block_cols(spec: QuantSpec) -> int:
-    """Columns (along K) that share one scale: the unit K must be padded to."""
-    return {"group": spec.group_size, "tile": spec.tile[1]}.get(spec.granularity, 1)
-
-
 def _quantize_weight(w: torch.Tensor, spec: QuantSpec):
     """Quantize a weight (N, K) with `spec`, zero-padding K (and tile rows) as needed.
 
@@ -102,7 +97,7 @@ def _quantize_weight(w: torch.Tensor, spec: QuantSpec):
     matrix (tile: (ceil(N/tr), Kp/tc)).
     """
     n, k = w.shape
-    kp = math.ceil(k / _block_cols(spec)) * _block_cols(spec)
+    kp = math.ceil(k / spec.block_cols) * spec.block_cols
     np_ = math.ceil(n / spec.tile[0]) * spec.tile[0] if spec.granularity == "tile" else n
     w_pad = torch.zeros(np_, kp, dtype=torch.float32, device=w.device)
     w_pad[:n, :k] = w.float()
