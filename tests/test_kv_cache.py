@@ -128,9 +128,10 @@ def _spy_decode(monkeypatch):
     return calls
 
 
-def test_llama_generate_kernel_decode_equals_reference(llama, tok, monkeypatch):
+def test_llama_generate_kernel_decode_equals_reference(llama, tok, monkeypatch, device):
     calls = _spy_decode(monkeypatch)
-    ids = tok(["Once upon"], return_tensors="pt")["input_ids"]      # short: interpreter time
+    llama.to(device)                   # the kernels need CUDA tensors (or the CPU interpreter)
+    ids = tok(["Once upon"], return_tensors="pt")["input_ids"].to(device)   # short: interpreter
     enable_quantized_attention(llama, AttentionQuantConfig(use_kernels=False))
     ref_cache = KV4Cache(llama.config, group_size=2)
     want = _generate(llama, ids, ref_cache)

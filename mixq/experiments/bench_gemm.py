@@ -47,7 +47,7 @@ from mixq.experiments.common import (ENV_KEYS, Timing, add_common_flags, comma_l
                                      cuda_time_ms, environment, environment_note, input_sets,
                                      int_list, markdown_table, write_outputs)
 
-__all__ = ["SHAPES", "DEFAULT_M", "QUICK_M", "MODES", "build_parser", "parse_args", "main",
+__all__ = ["SHAPES", "DEFAULT_M", "QUICK_M", "GEMM_KERNELS", "build_parser", "parse_args", "main",
            "select_shapes", "outlier_count", "add_speedups", "format_table", "format_markdown",
            "make_row", "copy_bandwidth", "tinygemm_weight", "run_gemm"]
 
@@ -61,8 +61,9 @@ SHAPES: dict[str, list[tuple[str, int, int]]] = {
 
 DEFAULT_M = (1, 16, 128, 512, 2048)
 QUICK_M = (16, 2048)
-MODES = ("bf16", "fp8_scaled_mm", "int8_int_mm", "tinygemm_w4a16", "mixq_w4a16", "mixq_w4a4",
-         "mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_quant")
+#: The GEMMs timed (bench rows' "mode"): the peers, then mixq's kernels.
+GEMM_KERNELS = ("bf16", "fp8_scaled_mm", "int8_int_mm", "tinygemm_w4a16", "mixq_w4a16",
+                "mixq_w4a4", "mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_quant")
 OUTLIER_FRACTION = 0.01
 OUTLIER_GAIN = 30.0
 COLUMNS = ("M", "mode", "NxK", "time_ms", "speedup_vs_bf16", "rel_err_vs_bf16")
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="1b,8b",
                    help="models (1b, 8b) or layers (8b.gate_up), comma separated")
     p.add_argument("--m", default=None, help=f"token counts, default {','.join(map(str, DEFAULT_M))}")
-    p.add_argument("--modes", default=",".join(MODES), help="subset of modes (bf16 always runs)")
+    p.add_argument("--modes", default=",".join(GEMM_KERNELS), help="subset of modes (bf16 always runs)")
     p.add_argument("--quick", action="store_true",
                    help=f"short timing (fewer repeats) and M={','.join(map(str, QUICK_M))} "
                         "unless --m is given")
@@ -120,9 +121,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.shape_list = select_shapes(args.shapes)
     args.m_list = int_list(args.m, "--m") if args.m else list(QUICK_M if args.quick else DEFAULT_M)
     modes = comma_list(args.modes)
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in GEMM_KERNELS]
     if bad:
-        p.error(f"unknown modes {bad}; choose from {list(MODES)}")
+        p.error(f"unknown modes {bad}; choose from {list(GEMM_KERNELS)}")
     args.mode_list = ["bf16"] + [m for m in modes if m != "bf16"]
     return args
 
