@@ -608,7 +608,7 @@ def apply_full_architecture(model: nn.Module, config: QuantConfig) -> nn.Module:
 
 
 def make_cache(model: nn.Module, *, kv_cache: KVCacheSpec | None = None,
-               check_finite: bool = True, dequantized_reads: bool = False):
+               check_finite: bool = False, dequantized_reads: bool = False):
     """The KV cache ``config.kv_cache`` asks for, for ``model.generate(past_key_values=...)``.
 
     Args:
@@ -616,7 +616,7 @@ def make_cache(model: nn.Module, *, kv_cache: KVCacheSpec | None = None,
         kv_cache: a `KVCacheSpec` to use instead of the config's (e.g. to study a 4-bit cache
             on a model quantized without one); None = ``model.mixq_config.kv_cache``.
         check_finite: reject NaN/Inf keys/values on every update (a device sync per layer and
-            step; pass False for fast GPU decoding).
+            step: a debugging aid, off by default).
         dequantized_reads: attention reads the cache's dequantized K/V also for the tokens of
             the current call (accuracy measurement of a full-sequence forward; see
             `mixq.hf.kv_cache`).

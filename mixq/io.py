@@ -87,7 +87,10 @@ _IGNORED_PREFIXES = ("_attn_implementation", "_experts_implementation", "output_
 #: ``use_kernels`` may be saved too (a runtime switch, set by hand).
 _MODULE_ATTRS = {"FP16Linear": {"dtype"}, "W8A8Linear": {"weight_spec"},
                  "W4A16Linear": {"weight_spec", "k_padded"},
-                 "W4A4Linear": {"weight_spec", "k_padded", "act_bits", "n_outliers", "k_regular"}}
+                 "W4A4Linear": {"weight_spec", "k_padded", "act_bits", "n_outliers", "k_regular",
+                                "weight_layout"}}
+#: attributes a file written before they existed may lack (`_upgrade_module` fills them in)
+_LATER_ATTRS = {"W4A4Linear": {"weight_layout"}}
 
 
 def _version() -> str:
@@ -143,7 +146,7 @@ def _empty_module(name: str, entry: dict) -> qnn.QuantLinearBase:
             raise ValueError(f"{CONFIG_NAME}: module {name!r} lacks a positive int {k}")
     want = _MODULE_ATTRS[type(m).__name__] | {"in_features", "out_features"}
     have = set(entry.get("attrs", {}))
-    if want - have or have - want - {"use_kernels"}:
+    if want - have - _LATER_ATTRS.get(type(m).__name__, set()) or have - want - {"use_kernels"}:
         raise ValueError(f"{CONFIG_NAME}: module {name!r} ({type(m).__name__}) has attributes "
                          f"{sorted(have)}, expected {sorted(want)}: edited or corrupted file")
     return m
@@ -234,7 +237,13 @@ def _check_module(name: str, m: qnn.QuantLinearBase) -> None:
             if kp != math.ceil(k_q / block) * block:
                 raise fail(f"has k_padded={kp}, but {k_q} int4 columns in blocks of {block} "
                            f"({spec.describe()}) give {math.ceil(k_q / block) * block}")
-            tensor("w_packed", torch.uint8, (n, (kp + 1) // 2))
+            if isinstance(m, qnn.W4A4Linear):
+                if m.weight_layout != qnn.WEIGHT_LAYOUT_W4A4:
+                    raise fail(f"has weight_layout={m.weight_layout!r}, needs "
+                               f"{qnn.WEIGHT_LAYOUT_W4A4!r}")
+                tensor("w_packed", torch.uint8, (n, quant.blocked_columns(kp, qnn.W4A4_WEIGHT_BLOCK) // 2))
+            else:
+                tensor("w_packed", torch.uint8, (n, (kp + 1) // 2))
             rows = (math.ceil(n / spec.tile[0]) * spec.tile[0] if spec.granularity == "tile"
                     else n)
             scale = tensor("w_scale", torch.float16, quant.scale_shape((rows, kp), spec))
@@ -473,12 +482,37 @@ def _check_legacy_w_q(path: Path, name: str, m: qnn.QuantLinearBase,
         raise ValueError(f"{path} lacks {name}.w_packed (it has only the int8 {name}.w_q)")
     signed = bool(getattr(m, "weight_spec", QuantSpec()).symmetric)
     try:
-        want = quant.unpack_int4(packed, int(m.k_padded), signed=signed)
+        if "weight_layout" in vars(m):           # a W4A4Linear in the blocked layout
+            want = quant.unpack_int4_blocked(packed, int(m.k_padded), qnn.W4A4_WEIGHT_BLOCK)
+        else:
+            want = quant.unpack_int4(packed, int(m.k_padded), signed=signed)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {name}.w_packed cannot be unpacked: {e}") from None
     if w_q.shape != want.shape or not torch.equal(w_q.to(want.device, torch.int8), want):
         raise ValueError(f"{path}: {name}.w_q does not equal unpack_int4({name}.w_packed): "
                          "corrupted file")
+
+
+def _upgrade_module(path: Path, name: str, m: qnn.QuantLinearBase,
+                    tensors: dict[str, torch.Tensor]) -> None:
+    """Bring a module from an older save to the current layout: a W4A4Linear without
+    ``weight_layout`` holds `quant.pack_int4` codes (N, ceil(Kp/2)); they are re-laid into the
+    GEMM's blocked layout (`quant.pack_int4_blocked`), exactly, once at load time (in `m` and
+    in `tensors`, which are loaded last)."""
+    if not isinstance(m, qnn.W4A4Linear) or "weight_layout" in vars(m):
+        return
+    packed = m._buffers.get("w_packed")
+    kp = getattr(m, "k_padded", None)
+    if packed is None or isinstance(kp, bool) or not isinstance(kp, int) or kp < 1:
+        return                                   # _check_module names what is missing
+    try:
+        codes = quant.unpack_int4(packed, kp, signed=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {name}.w_packed (an older save's int4 layout) cannot be "
+                         f"unpacked: {e}") from None
+    m.register_buffer("w_packed", quant.pack_int4_blocked(codes, qnn.W4A4_WEIGHT_BLOCK))
+    m.weight_layout = qnn.WEIGHT_LAYOUT_W4A4
+    tensors[f"{name}.w_packed"] = m.w_packed
 
 
 def load_quantized(directory: str | os.PathLike, *, model_factory=None,
@@ -556,6 +590,7 @@ def load_quantized(directory: str | os.PathLike, *, model_factory=None,
                 if key not in tensors:
                     raise ValueError(f"{path} lacks tensor {key!r}")
                 m.register_buffer(buf, tensors[key])
+        _upgrade_module(path, name, m, tensors)
         _check_module(name, m)
         try:
             old = model.get_submodule(name)

@@ -56,7 +56,9 @@ at the cost of storing more scales (see `quantized_nbytes`, `compression_ratio`,
 int4 storage
 ------------
 Two 4-bit values fit one byte (`pack_int4` / `unpack_int4`): along the last dim, low nibble
-first. An int32 container holds eight nibbles.
+first. An int32 container holds eight nibbles. `pack_int4_blocked` / `unpack_int4_blocked` are
+the W4A4 GEMM's layout: within each block of B columns, byte j holds columns j and j + B/2, so
+a kernel gets both halves of a block with one mask and one shift (no interleave).
 
 Quality metrics
 ---------------
@@ -72,11 +74,12 @@ from dataclasses import dataclass
 import torch
 
 from mixq.config import QuantSpec
-from mixq.validation import FLOAT_DTYPES, check_divides, check_tensor
+from mixq.validation import FLOAT_DTYPES, check_divides, check_tensor, value_checks
 
 __all__ = [
     "QTensor", "quantize", "dequantize", "fake_quantize", "block_shape", "scale_shape",
-    "expand_blocks", "pack_int4", "unpack_int4", "quantized_nbytes", "compression_ratio",
+    "expand_blocks", "pack_int4", "unpack_int4", "pack_int4_blocked", "unpack_int4_blocked",
+    "blocked_columns", "quantized_nbytes", "compression_ratio",
     "mae", "rel_fro_error", "sqnr_db", "compression_table", "COMPRESSION_TABLE_ISSUE_MAE",
 ]
 
@@ -247,7 +250,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, *,
         hi = blocks.amax(dim=(1, 3)).clamp(min=0.0)
         rng = hi - lo
     scale = (rng / spec.qmax).to(scale_dtype)
-    if not bool(torch.isfinite(scale).all()):
+    if value_checks() and not bool(torch.isfinite(scale).all()):
         raise ValueError(f"x (shape {shape}, max |x| = {float(xf.abs().max()):.4g}) gives a scale "
                          f"that overflows scale_dtype={scale_dtype}; use scale_dtype=torch.float32")
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
@@ -333,12 +336,13 @@ def pack_int4(q: torch.Tensor, container: torch.dtype = torch.uint8, *,
         raise ValueError("q must have at least 1 dim (packing runs along the last dim), got a 0-d tensor")
     if container not in _CONTAINERS:
         raise TypeError(f"container must be torch.uint8, torch.int8 or torch.int32, got {container}")
-    lo, hi = int(q.min()), int(q.max())
-    ok_signed, ok_unsigned = lo >= -8 and hi <= 7, lo >= 0 and hi <= 15
-    ok = {True: ok_signed, False: ok_unsigned, None: ok_signed or ok_unsigned}[signed]
-    if not ok:
-        want = {True: "[-8, 7]", False: "[0, 15]", None: "[-8, 7] or [0, 15]"}[signed]
-        raise ValueError(f"q values must be in {want} to pack as int4, got range [{lo}, {hi}]")
+    if value_checks() and q.numel():            # reads values: off on the hot path (no sync)
+        lo, hi = int(q.min()), int(q.max())
+        ok_signed, ok_unsigned = lo >= -8 and hi <= 7, lo >= 0 and hi <= 15
+        ok = {True: ok_signed, False: ok_unsigned, None: ok_signed or ok_unsigned}[signed]
+        if not ok:
+            want = {True: "[-8, 7]", False: "[0, 15]", None: "[-8, 7] or [0, 15]"}[signed]
+            raise ValueError(f"q values must be in {want} to pack as int4, got range [{lo}, {hi}]")
     per = _CONTAINERS[container]
     cols = q.shape[-1]
     nib = q.to(torch.int64) & 0xF
@@ -390,6 +394,67 @@ def unpack_int4(packed: torch.Tensor, n: int, *, signed: bool = True) -> torch.T
     if signed:
         nib = torch.where(nib >= 8, nib - 16, nib)
     return nib.to(torch.int8)
+
+
+def blocked_columns(n: int, block: int) -> int:
+    """Columns a blocked layout stores for ``n`` values: n rounded up to a multiple of `block`."""
+    return -(-int(n) // int(block)) * int(block)
+
+
+def _check_block(block) -> int:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 2 or block % 2:
+        raise ValueError(f"block must be a positive even int, got {block!r}")
+    return block
+
+
+def pack_int4_blocked(q: torch.Tensor, block: int) -> torch.Tensor:
+    """Pack int4 values two per byte in blocks of `block` columns (the W4A4 GEMM's layout).
+
+    With Kb = `blocked_columns(K, block)` (missing columns = 0) and h = block / 2::
+
+        out[n, b*h + j] = (q[n, b*block + j] & 0xF) | (q[n, b*block + h + j] & 0xF) << 4
+
+    Args:
+        q: integer (N, K) in [-8, 7] (two's-complement nibbles).
+        block: even int (128 for `mixq.kernels.w4a4`).
+    Returns:
+        uint8 (N, Kb / 2), contiguous, on q's device.
+    Raises:
+        TypeError: not an integer tensor. ValueError: not 2-D, bad block, values out of range.
+    """
+    check_tensor(q, "q", ndim=2, dtypes=INT_DTYPES)
+    block = _check_block(block)
+    if value_checks() and q.numel():
+        lo, hi = int(q.min()), int(q.max())
+        if lo < -8 or hi > 7:
+            raise ValueError(f"q values must be int4 in [-8, 7], got range [{lo}, {hi}]")
+    n, k = q.shape
+    kb = blocked_columns(k, block)
+    nib = torch.zeros((n, kb), dtype=torch.int16, device=q.device)
+    nib[:, :k] = q.to(torch.int16) & 0xF
+    nib = nib.reshape(n, kb // block, 2, block // 2)
+    return (nib[:, :, 0, :] | (nib[:, :, 1, :] << 4)).reshape(n, kb // 2).to(torch.uint8).contiguous()
+
+
+def unpack_int4_blocked(packed: torch.Tensor, n: int, block: int) -> torch.Tensor:
+    """Exact inverse of `pack_int4_blocked`: uint8 (N, Kb/2) -> int8 (N, n) in [-8, 7].
+
+    Raises:
+        TypeError: not uint8. ValueError: not 2-D, bad block, or a width that does not hold
+            `n` values in blocks of `block` (expected Kb / 2 = blocked_columns(n, block) / 2).
+    """
+    check_tensor(packed, "packed", ndim=2, dtypes=(torch.uint8,))
+    block = _check_block(block)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    kb = blocked_columns(n, block)
+    if packed.shape[1] != kb // 2:
+        raise ValueError(f"packed of shape {tuple(packed.shape)} does not hold n={n} int4 "
+                         f"values in blocks of {block}: expected (N, {kb // 2})")
+    rows = packed.shape[0]
+    b = packed.reshape(rows, kb // block, 1, block // 2)
+    nib = torch.cat([b & 0xF, b >> 4], dim=2).reshape(rows, kb)[:, :n].view(torch.int8)
+    return (nib ^ 8) - 8
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,12 +2,69 @@
 
 Each check raises `TypeError` for a wrong type/dtype and `ValueError` for a wrong shape, an
 empty tensor or non-finite values, and names the argument and what it got.
+
+Two kinds of checks
+-------------------
+* **Metadata checks** (type, dtype, ndim, shape, device, layout) read no tensor data: they run
+  everywhere, always.
+* **Value checks** (NaN/Inf, code ranges, int32 overflow) read the data. On a GPU that is a
+  host synchronisation, and under `torch.compile` it turns a tensor into a Python value (a
+  graph break). They run when a public function is called directly (quantizing, loading, the
+  reference used on its own) but **not on the hot path**: inside the forward of a quantized
+  module, norm, attention or KV cache (code wrapped in `hot_path`, whose tensors were checked
+  when they were built or loaded), nor while `torch.compile` traces. `debug_checks(True)` or
+  the environment variable ``MIXQ_DEBUG_CHECKS=1`` turns them on inside the hot path too
+  (eager only: a debugging switch for finding where a NaN comes from).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+import os
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
+
+_F = TypeVar("_F", bound=Callable)
+_DEBUG = os.environ.get("MIXQ_DEBUG_CHECKS", "0").strip().lower() in ("1", "true", "yes", "on")
+_hot_depth = 0
+
+
+def debug_checks(on: bool | None = None) -> bool:
+    """Get, or set with `on`, the debug switch: value checks inside the hot path too.
+
+    Returns the setting in force before the call (default: env ``MIXQ_DEBUG_CHECKS``)."""
+    global _DEBUG
+    before = _DEBUG
+    if on is not None:
+        if not isinstance(on, bool):
+            raise TypeError(f"debug_checks takes a bool or None, got {type(on).__name__}")
+        _DEBUG = on
+    return before
+
+
+def value_checks() -> bool:
+    """Whether checks that read tensor values run here: never while `torch.compile` traces;
+    outside `hot_path` always; inside it only with `debug_checks` on."""
+    if torch.compiler.is_compiling():
+        return False
+    return _hot_depth == 0 or _DEBUG
+
+
+def hot_path(fn: _F) -> _F:
+    """Decorator for a forward on the hot path: value checks are off while it runs (see the
+    module docstring). Under `torch.compile` it is transparent (no graph break)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        global _hot_depth
+        _hot_depth += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _hot_depth -= 1
+    return wrapper  # type: ignore[return-value]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -23,7 +80,8 @@ def check_tensor(x, name: str, *, ndim: int | Iterable[int] | None = None,
         name: argument name used in the error message.
         ndim: required number of dims (an int or a collection of allowed ints).
         dtypes: allowed dtypes.
-        finite: if True, NaN or +-Inf anywhere is a ValueError (floating tensors only).
+        finite: if True, NaN or +-Inf anywhere is a ValueError (floating tensors only; a
+            value check: skipped where `value_checks()` is False).
         nonempty: if True, a tensor with zero elements is a ValueError.
         device: required device type ("cuda", "cpu") or device.
         contiguous: if True, a non-contiguous tensor is a ValueError.
@@ -48,7 +106,7 @@ def check_tensor(x, name: str, *, ndim: int | Iterable[int] | None = None,
     if contiguous and not x.is_contiguous():
         raise ValueError(f"{name} must be contiguous (shape {tuple(x.shape)}, "
                          f"stride {x.stride()}); call .contiguous() first")
-    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if finite and x.is_floating_point() and value_checks() and not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise ValueError(f"{name} has non-finite values ({n_nan} NaN, {n_inf} Inf)")

@@ -242,7 +242,7 @@ def test_quantize_linear_qweight(seed):
     assert w_reg.shape == (9, 96)
     qt = quant.quantize(w_reg * 0.5, cfg.w)           # a "method" result on the same layout
     m = quantize_linear(lin, "w4a4", weight_spec=cfg.w, outlier_idx=idx, act_bits=4, qweight=qt)
-    assert torch.equal(m.w_q, qt.q) and torch.equal(m.w_packed, quant.pack_int4(qt.q))
+    assert torch.equal(m.w_q, qt.q) and torch.equal(m.w_packed, quant.pack_int4_blocked(qt.q, 128))
     with pytest.raises(ValueError, match="layout"):
         quantize_linear(lin, "w4a4", weight_spec=cfg.w, outlier_idx=torch.arange(40),
                         act_bits=4, qweight=qt)     # 30 int4 columns -> Kp = 32, not 96

@@ -47,8 +47,12 @@ def test_run_e2e_tiny_rows_and_json(tmp_path, seed):
         assert r["tokens_per_s"] > 0 and math.isfinite(r["tokens_per_s"])
         assert r["peak_mem_bytes"] is None     # CPU
         assert r["weight_bytes"] > 0
+        assert r["decoder_weight_bytes"] + r["embed_head_bytes"] == r["weight_bytes"]
     wb = {r["mode"]: r["weight_bytes"] for r in rows}
     assert wb["w4a4-o1-salient"] < wb["bf16"]                        # int4 weights are smaller
+    dec = {r["mode"]: r["decoder_weight_bytes"] for r in rows}
+    head = {r["mode"]: r["embed_head_bytes"] for r in rows}
+    assert dec["w4a4-o1-salient"] < 0.5 * dec["bf16"] and head["w4a4-o1-salient"] == head["bf16"]
     assert json.loads(path.read_text()) == rows
     saved = json.loads((tmp_path / "e2e_cpu.meta.json").read_text())
     for k in ("device_name", "torch", "triton", "transformers"):
@@ -79,3 +83,15 @@ def test_cli_smoke_and_errors(tmp_path, capsys):
         bench_e2e.run_e2e(["tiny"], ["bf16"], prompt_len=0, device="cpu")
     with pytest.raises(ValueError, match="batch"):
         bench_e2e.run_e2e(["tiny"], ["bf16"], batches=(), device="cpu")
+
+
+def test_setup_defaults():
+    """GPU runs default to static cache + compile (what serving runs); smoke runs to eager;
+    the three setups exclude each other."""
+    a = bench_e2e.parse_args(["--smoke"])
+    assert not a.compile and not a.static_cache and a.batch_list == [1, 2]
+    b = bench_e2e.parse_args(["--smoke", "--compile"])
+    assert b.compile and b.static_cache
+    assert bench_e2e.parse_args(["--smoke", "--static-cache"]).static_cache
+    with pytest.raises(SystemExit):
+        bench_e2e.parse_args(["--eager", "--compile"])

@@ -206,8 +206,9 @@ def test_round_trip_modes(float_llama, tmp_path, cfg, seed):
 
 
 def _legacy_copy(path, tmp_path, store_w_q: bool, corrupt: bool = False):
-    """The save in the previous formats: int4 modules list ``w_q`` as a buffer (and, with
-    `store_w_q`, the oldest also stored it), a CUDA-run W4A4 listed its ``w_kernel`` cache."""
+    """The save in the previous formats: W4A4 modules hold `pack_int4` codes and no
+    ``weight_layout``, int4 modules list ``w_q`` as a buffer (and, with `store_w_q`, the
+    oldest also stored it), a CUDA-run W4A4 listed its ``w_kernel`` cache."""
     from safetensors.torch import load_file, save_file
 
     from mixq.io import sha256_file
@@ -216,6 +217,12 @@ def _legacy_copy(path, tmp_path, store_w_q: bool, corrupt: bool = False):
     tensors = load_file(str(d / WEIGHTS_NAME))
     int4 = [n for n, e in meta["modules"].items() if e["buffers"].get("w_packed")]
     for i, name in enumerate(int4):
+        e = meta["modules"][name]
+        if e["class"] == "W4A4Linear":              # the layout before the blocked one
+            e["attrs"].pop("weight_layout")
+            kp = e["attrs"]["k_padded"]
+            codes = quant.unpack_int4_blocked(tensors[f"{name}.w_packed"], kp, 128)
+            tensors[f"{name}.w_packed"] = quant.pack_int4(codes)
         meta["modules"][name]["buffers"]["w_q"] = True
         meta["modules"][name]["buffers"]["w_kernel"] = True
         if store_w_q:

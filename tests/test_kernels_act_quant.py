@@ -163,3 +163,26 @@ def test_cpu_tensor_rejected_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):
         act_quant(torch.randn(2, 16))
+
+
+@pytest.mark.parametrize("m,k,n_out", [(1, 70, 3), (5, 200, 1), (33, 129, 7)])
+def test_precomputed_gather_index_equals_outlier_index(m, k, n_out, device, seed):
+    """A gather index built once (what W4A4Linear keeps) gives the codes of `outlier_idx`,
+    padding included, with no validation pass on the hot path."""
+    x = torch.randn(m, k, device=device)
+    idx = torch.randperm(k, device=device)[:n_out]
+    gather = aq.outlier_gather_index(k, idx)
+    want = act_quant(x, outlier_idx=idx, out_format="int8", pad_to=128)
+    got = act_quant(x, n_outliers=n_out, gather_idx=gather, out_format="int8", pad_to=128)
+    _assert_equal(got, want)
+
+
+def test_gather_index_rejects_bad_input(device):
+    x = torch.randn(3, 32, device=device)
+    gather = torch.arange(32, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="not both"):
+        act_quant(x, outlier_idx=torch.tensor([1], device=device), gather_idx=gather)
+    with pytest.raises(TypeError, match="gather_idx"):
+        act_quant(x, n_outliers=1, gather_idx=gather.long())
+    with pytest.raises(ValueError, match="gather_idx must have shape"):
+        act_quant(x, n_outliers=1, gather_idx=gather[:31].contiguous())

@@ -97,8 +97,11 @@ def test_bad_inputs():
     k, v = _kv(1, 2, 4, 8)
     with pytest.raises(TypeError, match="dtype"):
         layer.update(k.long(), v)
+    layer.update(k.clone().fill_(float("nan")), v)          # the hot path reads no values ...
+    layer = KV4Layer(check_finite=True)                       # ... unless asked to (a sync)
     with pytest.raises(ValueError, match="non-finite"):
         layer.update(k.clone().fill_(float("nan")), v)
+    layer = KV4Layer()
     with pytest.raises(ValueError, match="one shape"):
         layer.update(k, v[:, :1])
     with pytest.raises(ValueError, match="even"):

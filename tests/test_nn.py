@@ -106,9 +106,16 @@ def test_w4a16_tile_pads_rows_and_cols(seed):
 
 
 def test_packed_weight_roundtrips(seed):
-    m = qnn.W4A4Linear.from_linear(_linear(41, 10), weight_spec=ROW4)
+    """W4A16 keeps `pack_int4` codes; W4A4 the GEMM's blocked layout (K padded to 128)."""
+    lin = _linear(41, 10)
+    m = qnn.W4A16Linear.from_linear(lin, weight_spec=QuantSpec(4, True, "row"))
     assert m.w_packed.dtype == torch.uint8 and m.w_packed.shape == (10, 21)
     torch.testing.assert_close(quant.unpack_int4(m.w_packed, 41), m.w_q, **EXACT)
+    a = qnn.W4A4Linear.from_linear(lin, weight_spec=ROW4)
+    assert a.weight_layout == qnn.WEIGHT_LAYOUT_W4A4
+    assert a.w_packed.dtype == torch.uint8 and a.w_packed.shape == (10, 64)
+    torch.testing.assert_close(quant.unpack_int4_blocked(a.w_packed, 41, 128), a.w_q, **EXACT)
+    torch.testing.assert_close(a.w_q, m.w_q, **EXACT)          # same codes, other layout
 
 
 # ----------------------------------------------------------------------------- W4A4
@@ -150,7 +157,7 @@ def test_w4a4_group_with_outliers_pads(seed):
     want = reference.w4a4_linear(_pad(x_reg, 6, 80), qt.q, qt.scale, group_size=g,
                                  x_out=x_out.half(), w_out=w_out.half())
     torch.testing.assert_close(m(x), want, **EXACT)
-    assert m.weight_nbytes() == n * 40 + n * 5 * 2 + n * k * 2
+    assert m.weight_nbytes() == n * 64 + n * 5 * 2 + n * k * 2     # codes: 80 -> 128 columns
 
 
 def test_w4a4_tile_is_fake_quant(seed):
@@ -166,7 +173,7 @@ def test_w4a4_tile_is_fake_quant(seed):
     want = (x_hat @ w_hat.T + x_out.half().float() @ w_out.half().float().T
             + lin.bias.detach().half().float())
     torch.testing.assert_close(m(x), want, **FP32)
-    assert m.weight_nbytes() == n * 20 + 2 * 5 * 2 + n * k * 2 + n * 2
+    assert m.weight_nbytes() == n * 64 + 2 * 5 * 2 + n * k * 2 + n * 2  # 40 -> 128 columns
 
 
 def test_w4a4_act_bits_8_row(seed):
@@ -375,16 +382,19 @@ def test_w4a16_kernel_path_holds_packed_only(seed, device):
     assert held <= 0.30 * n * k * 2
 
 
-def test_w4a4_kernel_path_builds_kernel_layout_only(seed, device):
+def test_w4a4_kernel_path_holds_the_weight_once(seed, device):
+    """The GEMM reads w_packed as stored: the kernel path adds only the int32 gather index."""
     spec = QuantSpec(4, True, "row")
-    m = qnn.W4A4Linear.from_linear(_linear(70, 9).to(device), weight_spec=spec,
+    m = qnn.W4A4Linear.from_linear(_linear(256, 9).to(device), weight_spec=spec,
                                    outlier_idx=torch.tensor([3], device=device))
     m.use_kernels = True
-    x = torch.randn(2, 70, device=device)
+    x = torch.randn(2, 256, device=device)
     y = m(x)
-    assert "w_q_cache" not in m._buffers and "w_kernel" in m._buffers
+    assert {k for k, t in m._buffers.items() if t is not None} - set(m.state_dict()) == \
+        {"gather_idx"}
     assert set(m.state_dict()) == {"perm", "outlier_idx", "w_scale", "w_packed", "w_out", "bias"}
-    assert qnn.module_memory_bytes(m) == _int4_bytes(m) + m.w_kernel.numel()
+    assert m.w_packed.shape == (9, 128)                   # 255 int4 columns padded to 256
+    assert qnn.module_memory_bytes(m) == _int4_bytes(m) + 256 * 4
     m.use_kernels = False
     torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-4)
 

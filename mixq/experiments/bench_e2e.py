@@ -2,8 +2,8 @@
 same model quantized with mixq presets.
 
 ``python -m mixq bench e2e [--models llama3-8b,smollm2] [--modes bf16,w4a16-g128,...]
-[--layers N] [--prompt-len 2048] [--decode-prompt-len 128] [--new-tokens 64] [--batches 1,16]
-[--static-cache] [--compile] [--json PATH] [--smoke]``
+[--layers N] [--prompt-len 2048] [--decode-prompt-len 128] [--new-tokens 64] [--batches 1,16,64]
+[--eager | --static-cache | --compile] [--json PATH] [--smoke]``
 
 Models:
 
@@ -39,13 +39,15 @@ token ids, greedy):
   ``decode_prompt_len`` tokens, at each batch size: tokens/s = batch * n / seconds, i.e. the
   decode steps only.
 
-Same setup on both sides: ``--static-cache`` uses HF's static KV cache
-(``cache_implementation="static"``; a preset's own KV cache takes precedence); ``--compile``
-lets HF's generate compile the decode step (``disable_compile=False``, which needs a static
-cache) and wraps the prefill forward in ``torch.compile``; without it compilation is disabled
-everywhere. Times are the best of ``--repeats`` runs after one warm-up; ``peak_mem_bytes`` is
+Same setup on both sides. On a GPU the default is ``--compile``: HF's static KV cache
+(``cache_implementation="static"``; a preset's own KV cache takes precedence) and HF's generate
+compiling the decode step (``disable_compile=False``: torch.compile "reduce-overhead", i.e. CUDA
+graphs), the prefill forward wrapped in ``torch.compile`` -- what a serving user runs.
+``--static-cache`` keeps the static cache without compiling; ``--eager`` turns both off (the
+dynamic cache, compilation disabled everywhere). Smoke / CPU runs default to eager. Times are the best of ``--repeats`` runs after one warm-up; ``peak_mem_bytes`` is
 ``torch.cuda.max_memory_allocated`` over the phase (reset before it; None on a CPU);
-``weight_bytes`` is `mixq.eval.weight_bytes`.
+``weight_bytes`` is `mixq.eval.weight_bytes`, split into ``decoder_weight_bytes`` (the decoder
+layers: what quantization shrinks) and ``embed_head_bytes`` (embedding, lm_head, final norm).
 
 Output: rows to ``results/e2e_<device>.json`` (e.g. ``e2e_h100.json``; smoke runs write only
 with ``--json``) and the meta (environment, the setup) to ``<stem>.meta.json`` beside it; each
@@ -67,7 +69,8 @@ from mixq.experiments.common import (add_common_flags, check_counts, comma_list,
                                      sync, torch_dtype, write_results)
 
 __all__ = ["MODELS", "DEFAULT_MODES", "LLAMA3_8B", "TINY_LLAMA", "REQUIRED_ROW_KEYS",
-           "build_model", "quant_config", "measure_prefill", "measure_decode", "run_e2e",
+           "build_model", "quant_config", "measure_prefill", "measure_decode", "weight_split",
+           "run_e2e",
            "build_parser", "parse_args", "main"]
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -272,6 +275,18 @@ def _prepare(name: str, mode: str, layers, device, dtype):
     return model, full, lambda: make_cache(model, check_finite=False)
 
 
+def weight_split(model: nn.Module) -> dict:
+    """``{"weight_bytes", "decoder_weight_bytes", "embed_head_bytes"}`` (`mixq.eval.weight_bytes`
+    of the whole model and of its decoder layers; the rest is the embedding, head and norm)."""
+    from mixq.eval import weight_bytes
+
+    total = weight_bytes(model)
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    decoder = sum(weight_bytes(layer) for layer in layers) if layers is not None else total
+    return {"weight_bytes": total, "decoder_weight_bytes": decoder,
+            "embed_head_bytes": total - decoder}
+
+
 def _phase_row(model, base: dict, phase: str, batch: int, setup: dict, factory) -> dict:
     """One timed row (``error`` instead of the timing when it raised, e.g. out of memory)."""
     row = {**base, "phase": phase, "batch": batch}
@@ -320,8 +335,6 @@ def run_e2e(models: Sequence[str], modes: Sequence[str], *, layers: int | None =
     """
     from tqdm.auto import tqdm
 
-    from mixq.eval import weight_bytes
-
     _check_run(models, modes, batches, prompt_len=prompt_len,
                decode_prompt_len=decode_prompt_len, new_tokens=new_tokens, repeats=repeats)
     device = default_device(device)
@@ -342,7 +355,7 @@ def run_e2e(models: Sequence[str], modes: Sequence[str], *, layers: int | None =
         model = None
         try:
             model, full, factory = _prepare(name, mode, layers, device, dtype)
-            base.update(weight_bytes=weight_bytes(model), full_layers=full)
+            base.update(**weight_split(model), full_layers=full)
             for phase, batch in phases:
                 rows.append(_phase_row(model, base, phase, batch, setup, factory))
                 _free(device)
@@ -370,12 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=None, help="prefill tokens (default 2048)")
     p.add_argument("--decode-prompt-len", type=int, default=None, help="decode prompt (128)")
     p.add_argument("--new-tokens", type=int, default=None, help="decode steps (64)")
-    p.add_argument("--batches", default=None, help="decode batch sizes (default 1,16)")
+    p.add_argument("--batches", default=None, help="decode batch sizes (default 1,16,64)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs, best kept (3)")
-    p.add_argument("--static-cache", action="store_true", help="HF static KV cache")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the prefill and let generate compile decode steps "
-                        "(implies --static-cache)")
+    setup = p.add_mutually_exclusive_group()
+    setup.add_argument("--eager", action="store_true",
+                       help="dynamic cache, no compilation (the CPU / smoke default)")
+    setup.add_argument("--static-cache", action="store_true",
+                       help="HF static KV cache, no compilation")
+    setup.add_argument("--compile", action="store_true",
+                       help="static cache + torch.compile of prefill and decode steps "
+                            "(CUDA graphs; the GPU default)")
     add_common_flags(p, "device", "dtype", "json", "smoke", "quiet", dtype={"default": "bf16"},
                      json={"help": "rows JSON (default results/e2e_<device>.json; smoke runs: "
                                    "none)"})
@@ -398,9 +415,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.decode_prompt_len = args.decode_prompt_len or (8 if small else 128)
     args.new_tokens = args.new_tokens or (4 if small else 64)
     args.repeats = args.repeats or (1 if small else 3)
+    if not (args.eager or args.static_cache or args.compile):
+        args.compile = not small                   # the GPU default: what serving runs
     args.static_cache = args.static_cache or args.compile
     try:
-        args.batch_list = int_list(args.batches or ("1,2" if small else "1,16"), "--batches")
+        args.batch_list = int_list(args.batches or ("1,2" if small else "1,16,64"), "--batches")
         _check_run(args.model_list, args.mode_list, args.batch_list, prompt_len=args.prompt_len,
                    decode_prompt_len=args.decode_prompt_len, new_tokens=args.new_tokens,
                    repeats=args.repeats)

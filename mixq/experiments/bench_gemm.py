@@ -18,7 +18,18 @@ mixq_w4a4           `mixq.kernels.w4a4.w4a4_gemm`, int4 x int4 per-channel, pre-
 mixq_w4a4_outliers  the same with k = 1% of K FP16 outlier channels fused (k a multiple of 16)
 mixq_w4a4+quant     act-quant kernel (bf16 x -> int8 codes + scales + fp16 outliers) + the above
 mixq_quant          the act-quant kernel alone (also reported as a fraction of copy bandwidth)
+bf16_module         ``nn.Linear`` (bf16, no bias): what a user's float model runs
+mixq_w4a16_module   `mixq.nn.W4A16Linear` g128 forward: checks, reshapes and the kernel
+mixq_w4a4_module    `mixq.nn.W4A4Linear` per-row, 1% FP16 outliers (the last 1% of channels,
+                    gathered by the act-quant kernel), forward: checks, act-quant + GEMM
 ==================  =========================================================================
+
+``module`` (``--modes module``) selects the three module modes plus the kernels they run
+(bf16, mixq_w4a16, mixq_w4a4+quant): the module's cost over its kernels alone is what the
+Python layer adds. Those six modes also get ``eager_ms``: the median per call of a plain eager
+loop (`mixq.experiments.common.eager_time_ms`: no graph, so host-side costs -- Python, checks,
+launches -- show where the host is slower than the GPU, as at M=1), and
+``eager_overhead_us``: a module's eager_ms minus its kernels' eager_ms, in microseconds.
 
 Method: real random data (x ~ N(0, 1) with the last 1% of channels scaled x30, like LLM
 activation outliers; w ~ N(0, 0.02)), never zeros. Each timed call runs inside a CUDA graph of
@@ -44,10 +55,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from mixq.experiments.common import (ENV_KEYS, Timing, add_common_flags, comma_list, command_parser,
-                                     cuda_time_ms, environment, environment_note, input_sets,
-                                     int_list, markdown_table, write_outputs)
+                                     cuda_time_ms, eager_time_ms, environment, environment_note,
+                                     input_sets, int_list, markdown_table, write_outputs)
 
-__all__ = ["SHAPES", "DEFAULT_M", "QUICK_M", "GEMM_KERNELS", "build_parser", "parse_args", "main",
+__all__ = ["SHAPES", "DEFAULT_M", "QUICK_M", "GEMM_KERNELS", "MODULE_MODES", "MODES",
+           "EAGER_MODES", "eager_time_ms", "copy_module", "build_parser", "parse_args", "main",
            "select_shapes", "outlier_count", "add_speedups", "format_table", "format_markdown",
            "make_row", "copy_bandwidth", "tinygemm_weight", "run_gemm"]
 
@@ -64,6 +76,12 @@ QUICK_M = (16, 2048)
 #: The GEMMs timed (bench rows' "mode"): the peers, then mixq's kernels.
 GEMM_KERNELS = ("bf16", "fp8_scaled_mm", "int8_int_mm", "tinygemm_w4a16", "mixq_w4a16",
                 "mixq_w4a4", "mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_quant")
+#: nn modules timed beside the kernels they launch (module -> kernels-alone mode).
+MODULE_MODES = {"bf16_module": "bf16", "mixq_w4a16_module": "mixq_w4a16",
+                "mixq_w4a4_module": "mixq_w4a4+quant"}
+#: Every mode, and the modes that also get an eager-loop time.
+MODES = GEMM_KERNELS + tuple(MODULE_MODES)
+EAGER_MODES = frozenset(MODULE_MODES) | frozenset(MODULE_MODES.values())
 OUTLIER_FRACTION = 0.01
 OUTLIER_GAIN = 30.0
 COLUMNS = ("M", "mode", "NxK", "time_ms", "speedup_vs_bf16", "rel_err_vs_bf16")
@@ -106,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="1b,8b",
                    help="models (1b, 8b) or layers (8b.gate_up), comma separated")
     p.add_argument("--m", default=None, help=f"token counts, default {','.join(map(str, DEFAULT_M))}")
-    p.add_argument("--modes", default=",".join(GEMM_KERNELS), help="subset of modes (bf16 always runs)")
+    p.add_argument("--modes", default=",".join(GEMM_KERNELS),
+                   help="subset of modes (bf16 always runs); 'module' = the nn modules and "
+                        "their kernels, with eager-loop times; 'all' = every mode")
     p.add_argument("--quick", action="store_true",
                    help=f"short timing (fewer repeats) and M={','.join(map(str, QUICK_M))} "
                         "unless --m is given")
@@ -120,10 +140,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(None if argv is None else list(argv))
     args.shape_list = select_shapes(args.shapes)
     args.m_list = int_list(args.m, "--m") if args.m else list(QUICK_M if args.quick else DEFAULT_M)
-    modes = comma_list(args.modes)
-    bad = [m for m in modes if m not in GEMM_KERNELS]
+    modes: list[str] = []
+    for m in comma_list(args.modes):
+        group = {"module": [*MODULE_MODES.values(), *MODULE_MODES], "all": list(MODES)}.get(m, [m])
+        modes += [g for g in group if g not in modes]
+    bad = [m for m in modes if m not in MODES]
     if bad:
-        p.error(f"unknown modes {bad}; choose from {list(GEMM_KERNELS)}")
+        p.error(f"unknown modes {bad}; choose from {list(MODES)}, module or all")
     args.mode_list = ["bf16"] + [m for m in modes if m != "bf16"]
     return args
 
@@ -139,12 +162,26 @@ def make_row(meta: dict, shape: str, n: int, k: int, m: int, mode: str, time_ms:
 
 
 def add_speedups(rows: list[dict]) -> list[dict]:
-    """Fill ``speedup_vs_bf16 = t(bf16) / t(mode)`` from the bf16 row of the same shape and M."""
-    base = {(r["shape"], r["M"]): r["time_ms"] for r in rows if r["mode"] == "bf16"}
+    """Fill ``speedup_vs_bf16 = t(bf16) / t(mode)`` from the bf16 row of the same shape and M;
+    rows with ``eager_ms`` also get ``eager_speedup_vs_bf16`` (against bf16_module's eager
+    time: what the user's float model costs in the same loop) and, for module modes,
+    ``eager_overhead_us`` (module eager_ms minus its kernels' eager_ms)."""
+    def by_mode(mode, key):
+        return {(r["shape"], r["M"]): r.get(key) for r in rows if r["mode"] == mode}
+
+    base = by_mode("bf16", "time_ms")
+    eager_base = by_mode("bf16_module", "eager_ms")
     for r in rows:
         t0 = base.get((r["shape"], r["M"]))
         ok = t0 is not None and r["time_ms"] is not None and r["time_ms"] > 0
         r["speedup_vs_bf16"] = (t0 / r["time_ms"]) if ok else None
+        if r.get("eager_ms"):
+            e0 = eager_base.get((r["shape"], r["M"]))
+            r["eager_speedup_vs_bf16"] = e0 / r["eager_ms"] if e0 else None
+        kernels = MODULE_MODES.get(r["mode"])
+        if kernels and r.get("eager_ms"):
+            k_ms = by_mode(kernels, "eager_ms").get((r["shape"], r["M"]))
+            r["eager_overhead_us"] = 1e3 * (r["eager_ms"] - k_ms) if k_ms else None
     return rows
 
 
@@ -178,6 +215,10 @@ def format_table(rows: list[dict]) -> str:
 
 def _note(r: dict) -> str:
     note = r.get("note", "") or ""
+    if r.get("eager_ms") is not None:
+        note = (note + "; " if note else "") + f"eager {r['eager_ms'] * 1e3:.1f} us"
+        if r.get("eager_overhead_us") is not None:
+            note += f" (+{r['eager_overhead_us']:.1f} us over its kernels)"
     if r.get("frac_of_copy_bw") is not None:
         note = (note + "; " if note else "") + f"{100 * r['frac_of_copy_bw']:.0f}% of copy BW"
     return note
@@ -240,6 +281,12 @@ def tinygemm_weight(w: torch.Tensor, group: int = 128):
     return wp, sz.transpose(0, 1).contiguous()
 
 
+def copy_module(m: torch.nn.Module) -> torch.nn.Module:
+    """An independent copy of `m` (own weights: another input set for the L2 rotation)."""
+    import copy
+    return copy.deepcopy(m)
+
+
 class _ShapeBench:
     """All operands of one (N, K) shape for the largest M; modes slice x[:M]."""
 
@@ -284,7 +331,25 @@ class _ShapeBench:
             q, s = _quant_weight_rows(w[:, :self.kq].contiguous(), None)
             return dict(w=w4a4.prepare_w4a4_weight(q), s=s,
                         w_out=w[:, self.kq:].to(torch.float16).contiguous())
+        if mode in MODULE_MODES:
+            return dict(mod=self.module(mode))
         return {}
+
+    def module(self, mode: str) -> torch.nn.Module:
+        """The nn module a user runs for `mode`, built from an nn.Linear holding ``self.w``."""
+        from mixq import nn as qnn
+        from mixq.config import QuantSpec
+
+        lin = torch.nn.Linear(self.k, self.n, bias=False, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.copy_(self.w)
+        if mode == "bf16_module":
+            return lin.requires_grad_(False)
+        if mode == "mixq_w4a16_module":
+            return qnn.W4A16Linear.from_linear(lin, weight_spec=QuantSpec(4, True, "group", 128))
+        outliers = torch.arange(self.kq, self.k, device="cuda")
+        return qnn.W4A4Linear.from_linear(lin, weight_spec=QuantSpec(4, True, "row"),
+                                          outlier_idx=outliers)
 
     # -- one call per mode ------------------------------------------------------------------
     def call_factory(self, mode: str, m: int) -> tuple[Callable[[dict], Callable], int]:
@@ -340,6 +405,12 @@ class _ShapeBench:
                 return lambda: aq.act_quant(o["x"], n_outliers=ko, out_format="int8",
                                             pad_to=w4a4.W4A4_BLOCK_K)
             return make, 2 * m * k + m * kqp + 2 * m + 2 * m * ko
+        if mode in MODULE_MODES:
+            _, kernel_bytes = self.call_factory(MODULE_MODES[mode], m)
+
+            def make(o):
+                return functools.partial(o["mod"], o["x"])
+            return make, kernel_bytes
         raise ValueError(f"unknown mode {mode!r}")
 
     def operand_set(self, mode: str, m: int, copy: bool) -> dict:
@@ -348,7 +419,8 @@ class _ShapeBench:
         from mixq.kernels import w4a4
 
         x = self.x[:m].contiguous()
-        o = {kk: (v.clone() if copy else v) for kk, v in self.weights(mode).items()}
+        o = {kk: (copy_module(v) if isinstance(v, torch.nn.Module) else v.clone()) if copy else v
+             for kk, v in self.weights(mode).items()}
         if mode == "bf16":
             o["w"] = self.w.clone() if copy else self.w
         if mode == "fp8_scaled_mm":
@@ -380,9 +452,14 @@ class _ShapeBench:
         n_sets = input_sets(call_bytes)
         sets = [self.operand_set(mode, m, copy=i > 0) for i in range(n_sets)]
         y = self.finish(mode, make(sets[0])(), sets[0])
-        t, how = cuda_time_ms([make(o) for o in sets], self.timing)
-        del sets
-        return t, y, dict(bytes=call_bytes, n_sets=n_sets, timing=how)
+        calls = [make(o) for o in sets]
+        t, how = cuda_time_ms(calls, self.timing)
+        extra = dict(bytes=call_bytes, n_sets=n_sets, timing=how)
+        if mode in EAGER_MODES:
+            with torch.no_grad():
+                extra["eager_ms"] = eager_time_ms(calls, self.timing)
+        del sets, calls
+        return t, y, extra
 
 
 def _tuned_config(mode: str, m: int) -> str | None:
@@ -428,7 +505,7 @@ def _measure(sb: "_ShapeBench", meta: dict, name: str, m: int, mode: str, ref):
     err = _rel_err(y, ref) if (y is not None and ref is not None) else None
     extra["gbs"] = extra["bytes"] / (t * 1e-3) / 1e9
     extra["tops"] = 2 * m * n * k / (t * 1e-3) / 1e12 if mode != "mixq_quant" else None
-    if mode in ("mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_quant"):
+    if mode in ("mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_quant", "mixq_w4a4_module"):
         extra["k_out"] = sb.k_out
     if mode == "mixq_quant":
         extra["frac_of_copy_bw"] = extra["gbs"] / meta["copy_bandwidth_gbs"]

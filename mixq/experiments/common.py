@@ -34,7 +34,7 @@ __all__ = ["ENV_KEYS", "DTYPES", "COMMON_FLAGS", "default_device", "environment"
            "torch_dtype", "kv_cache_factory", "now", "finite", "write_text", "write_results",
            "write_outputs", "append_results", "read_results", "is_number", "markdown_table",
            "environment_note", "command_parser", "add_common_flags", "check_counts", "comma_list",
-           "int_list", "sync", "Timing", "cuda_time_ms", "input_sets"]
+           "int_list", "sync", "Timing", "cuda_time_ms", "eager_time_ms", "input_sets"]
 
 #: The environment keys of every meta and row (`environment`).
 ENV_KEYS = ("device", "device_name", "torch", "triton", "transformers", "python", "cuda")
@@ -413,6 +413,38 @@ def cuda_time_ms(calls: Sequence[Callable[[], object]], timing: Timing) -> tuple
         torch.cuda.synchronize()
         t = do_bench(calls[0], warmup=timing.warmup_ms, rep=timing.rep_ms, return_mode="median")
         return t, "eager"
+
+
+def eager_time_ms(calls: Sequence[Callable[[], object]], timing: Timing,
+                  rounds: int = 20) -> float:
+    """Median ms per call of what a user's eager loop sees: `calls` (one per input set) run
+    round-robin, back to back, no graph and no sync in between, for `rounds` rounds between two
+    CUDA events; repeated for about ``timing.rep_ms``. Python, checks and launch costs show up
+    whenever the host is slower than the GPU (the decode regime); L2 is not flushed, so a set
+    of calls whose operands fit L2 would read them from there (`input_sets` sizes the sets)."""
+    import statistics
+    import time
+
+    import torch
+
+    for c in calls:                      # compile / autotune first
+        c()
+    torch.cuda.synchronize()
+    per_batch = rounds * len(calls)
+    samples: list[float] = []
+    deadline = time.perf_counter() + (timing.warmup_ms + timing.rep_ms) / 1e3
+    while len(samples) < 5 or time.perf_counter() < deadline:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(rounds):
+            for c in calls:
+                c()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / per_batch)
+        if len(samples) >= 200:
+            break
+    return statistics.median(samples[1:] if len(samples) > 5 else samples)
 
 
 def input_sets(call_bytes: int) -> int:

@@ -17,6 +17,7 @@ import torch
 from mixq.config import AttentionQuantConfig
 from mixq.hf.kv_cache import KV4Cache, find_kv4_cache
 from mixq.reference.attention import check_attention_config, quantized_attention_reference
+from mixq.validation import hot_path
 
 __all__ = ["mixq_attention_forward", "enable_quantized_attention", "disable_quantized_attention",
            "ATTN_IMPLEMENTATION"]
@@ -36,6 +37,7 @@ def _kv4_layer(module):
     return cache.layers[module.layer_idx]
 
 
+@hot_path
 def mixq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                            value: torch.Tensor, attention_mask: torch.Tensor | None,
                            scaling: float | None = None, dropout: float = 0.0,

@@ -237,7 +237,8 @@ def resolve_outliers(x: torch.Tensor, n_outliers: int, outlier_idx: torch.Tensor
 
 def act_quant(x: torch.Tensor, *, n_outliers: int = 0, outlier_idx: torch.Tensor | None = None,
               out_format: str = "packed", bits: int = 4, out_dtype: torch.dtype = torch.float16,
-              pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              pad_to: int = 1, gather_idx: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token symmetric quantization of the int4 part of `x` plus the outlier copy, one pass.
 
     Args:
@@ -252,6 +253,10 @@ def act_quant(x: torch.Tensor, *, n_outliers: int = 0, outlier_idx: torch.Tensor
         pad_to: store Ks = Kq rounded up to a multiple of `pad_to` code columns, the extra
             codes 0 (for the W4A4 GEMM: ``pad_to=block_k`` gives x_q the prepared weight's
             Kpad columns, so the GEMM needs no tail step and no padding copy).
+        gather_idx: alternatively to `outlier_idx`, a precomputed int32 (K,) channel order on
+            x's device, e.g. ``outlier_gather_index(K, idx)`` built once: the kernel reads
+            channel ``gather_idx[j]`` as column j, and the last `n_outliers` columns are the
+            outliers. Trusted (not validated: no sync) -- a permutation of range(K).
     Returns:
         ``(x_q, x_scale, x_out)``: x_q as `out_format` with Ks columns (int8 (M, Ks), packed
         (M, ceil(Ks/2))); x_scale fp16 (M, 1); x_out (M, k)
@@ -266,7 +271,17 @@ def act_quant(x: torch.Tensor, *, n_outliers: int = 0, outlier_idx: torch.Tensor
         raise TypeError(f"out_dtype must be one of {[str(d) for d in _OUT_DTYPES]}, got {out_dtype}")
     if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
         raise ValueError(f"pad_to must be a positive int, got {pad_to!r}")
-    gather_idx, n_outliers = resolve_outliers(x, n_outliers, outlier_idx)
+    if gather_idx is not None:
+        if outlier_idx is not None:
+            raise ValueError("pass either outlier_idx or gather_idx, not both")
+        check_tensor(gather_idx, "gather_idx", ndim=1, dtypes=(torch.int32,), contiguous=True,
+                     device=x.device)
+        if gather_idx.shape[0] != x.shape[1]:
+            raise ValueError(f"gather_idx must have shape ({x.shape[1]},) for x of shape "
+                             f"{tuple(x.shape)}, got {tuple(gather_idx.shape)}")
+        _, n_outliers = resolve_outliers(x, n_outliers, None)
+    else:
+        gather_idx, n_outliers = resolve_outliers(x, n_outliers, outlier_idx)
     # the custom op makes the kernel traceable by torch.compile; eager calls skip its dispatch
     impl = _act_quant_op if torch.compiler.is_compiling() else _act_quant_impl
     return impl(x, gather_idx, n_outliers, out_format, bits, out_dtype, pad_to)

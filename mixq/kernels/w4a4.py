@@ -435,7 +435,7 @@ def prepare_w4a4_weight(w: torch.Tensor, in_features: int | None = None, *,
     Raises:
         TypeError: wrong dtype. ValueError: wrong shape, values out of range, bad block_k.
     """
-    from mixq.quant import unpack_int4
+    from mixq.quant import pack_int4_blocked, unpack_int4
 
     block_k = _check_block_k(block_k)
     check_tensor(w, "w", ndim=2, dtypes=(torch.int8, torch.uint8))
@@ -443,38 +443,21 @@ def prepare_w4a4_weight(w: torch.Tensor, in_features: int | None = None, *,
         if in_features is not None and in_features != w.shape[1]:
             raise ValueError(f"in_features={in_features} does not match int8 w of shape "
                              f"{tuple(w.shape)} (N, Kq)")
-        lo, hi = int(w.min()), int(w.max())
-        if lo < -8 or hi > 7:
-            raise ValueError(f"w values must be int4 in [-8, 7], got range [{lo}, {hi}]")
         q = w
     else:
         if in_features is None:
             raise ValueError("in_features (Kq) is required for packed uint8 w "
                              f"of shape {tuple(w.shape)}")
         q = unpack_int4(w, int(in_features), signed=True)
-    n, kq = q.shape
-    kpad = padded_in_features(kq, block_k)
-    nib = torch.zeros((n, kpad), dtype=torch.int16, device=q.device)
-    nib[:, :kq] = q.to(torch.int16) & 0xF
-    nib = nib.reshape(n, kpad // block_k, 2, block_k // 2)
-    out = nib[:, :, 0, :] | (nib[:, :, 1, :] << 4)
-    return out.reshape(n, kpad // 2).to(torch.uint8).contiguous()
+    return pack_int4_blocked(q, block_k)        # validates the int4 range
 
 
 def unprepare_w4a4_weight(w_packed: torch.Tensor, in_features: int, *,
                           block_k: int = W4A4_BLOCK_K) -> torch.Tensor:
     """Inverse of `prepare_w4a4_weight`: uint8 (N, Kpad/2) -> int8 (N, Kq) values in [-8, 7]."""
-    block_k = _check_block_k(block_k)
-    check_tensor(w_packed, "w_packed", ndim=2, dtypes=(torch.uint8,))
-    n = w_packed.shape[0]
-    kpad = padded_in_features(int(in_features), block_k)
-    if w_packed.shape[1] != kpad // 2:
-        raise ValueError(f"w_packed of shape {tuple(w_packed.shape)} does not hold "
-                         f"in_features={in_features} with block_k={block_k}: expected "
-                         f"(N, {kpad // 2})")
-    b = w_packed.to(torch.int16).reshape(n, kpad // block_k, block_k // 2)
-    nib = torch.stack([b & 0xF, (b >> 4) & 0xF], dim=2).reshape(n, kpad)[:, :in_features]
-    return torch.where(nib >= 8, nib - 16, nib).to(torch.int8)
+    from mixq.quant import unpack_int4_blocked
+
+    return unpack_int4_blocked(w_packed, int(in_features), _check_block_k(block_k))
 
 
 # ------------------------------------------------------------------------------------------

@@ -35,11 +35,14 @@ in forward): zeros change no block's absmax and add nothing to a dot product. Ti
 padded in storage; the last row of tiles simply has fewer rows. `weight_nbytes` counts the
 padded storage, i.e. what a kernel would really read.
 
-Memory: an int4 layer keeps its codes once, packed two per byte (``w_packed``); the int8
-``w_q`` is a derived read-only view. Caches derived from it are non-persistent buffers, dropped
-on ``.to()`` / ``load_state_dict`` and rebuilt on demand: ``w_q_cache`` (int8, the reference
-path; `release_unpacked` frees it) and, for W4A4, ``w_kernel`` (the kernel's shuffled layout).
-`module_memory_bytes` counts everything a module really holds, caches included.
+Memory: an int4 layer keeps its codes once, packed two per byte (``w_packed``) in the layout
+its kernel reads -- W4A16: `quant.pack_int4` (low nibble first); W4A4: `quant.pack_int4_blocked`
+in blocks of 128 columns (``weight_layout = "int4-blocked128"``, the W4A4 GEMM's operand as is).
+The int8 ``w_q`` is a derived read-only view. Caches derived from the buffers are non-persistent,
+dropped on ``.to()`` / ``load_state_dict`` and rebuilt on demand: ``w_q_cache`` (int8, the
+reference path; `release_unpacked` frees it) and, for W4A4, ``gather_idx`` (int32 ``perm``, the
+activation-quant kernel's channel gather). `module_memory_bytes` counts everything a module
+really holds, caches included.
 """
 from __future__ import annotations
 
@@ -52,16 +55,21 @@ from mixq import outliers as _outliers
 from mixq import quant, reference
 from mixq.config import FLOAT_MODES, QuantSpec, check_mode, default_specs
 from mixq.nn.norm import take_prequantized
-from mixq.validation import FLOAT_DTYPES, check_tensor
+from mixq.validation import FLOAT_DTYPES, check_tensor, hot_path
 
 #: Weight grids a module gets when given none: those of `mixq.config.default_specs` (int4
 #: symmetric groups of 128; int8 per output channel), the same as `QuantConfig`'s "auto".
 DEFAULT_W4_SPEC = default_specs("w4a4")[0]
-_W4A4_BLOCK_K = 128  # K block of mixq.kernels.w4a4 (kept here so nn imports no triton)
+#: K block of mixq.kernels.w4a4 (kept here so nn imports no triton): W4A4Linear's weight layout
+W4A4_WEIGHT_BLOCK = 128
+_W4A4_BLOCK_K = W4A4_WEIGHT_BLOCK
+#: ``W4A4Linear.weight_layout``: w_packed is `quant.pack_int4_blocked(w_q, 128)` (checkpoints
+#: without the attribute hold `quant.pack_int4` codes; `mixq.io` converts them on load).
+WEIGHT_LAYOUT_W4A4 = "int4-blocked128"
 _KERNEL_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_W8_SPEC = default_specs("w8a8")[0]
 
-__all__ = ["QuantLinearBase", "FP16Linear", "W8A8Linear", "W4A16Linear", "W4A4Linear",
+__all__ = ["W4A4_WEIGHT_BLOCK", "WEIGHT_LAYOUT_W4A4", "QuantLinearBase", "FP16Linear", "W8A8Linear", "W4A16Linear", "W4A4Linear",
            "RotatedInputLinear", "DEFAULT_W4_SPEC", "DEFAULT_W8_SPEC", "quantize_linear",
            "module_weight_nbytes", "module_memory_bytes", "DERIVED_BUFFERS"]
 
@@ -149,8 +157,10 @@ class QuantLinearBase(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().to(dtype).clone()
         self.register_buffer("bias", bias)
 
+    @hot_path
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = layer(x).
+        """y = layer(x). No host synchronisation: only metadata is checked here (values were
+        checked when the module was built or loaded; see `mixq.validation`).
 
         Args:
             x: (..., K) float16/bfloat16/float32/float64 on the module's device, K = in_features.
@@ -265,7 +275,9 @@ class W8A8Linear(QuantLinearBase):
 
 # ----------------------------------------------------------------------------- int4 weights
 #: Buffers that are caches derived from the persistent ones (never saved, rebuilt on demand).
-DERIVED_BUFFERS = frozenset({"w_kernel", "w_q_cache"})
+#: Non-persistent caches; "w_kernel" is W8A8's padded int8 weight (and a W4A4 cache that older
+#: saves listed).
+DERIVED_BUFFERS = frozenset({"w_kernel", "w_q_cache", "gather_idx"})
 
 
 class _Int4WeightMixin:
@@ -286,8 +298,12 @@ class _Int4WeightMixin:
         self.k_padded = kp
         self.register_buffer("w_scale", w_scale)    # fp16 compact
         self.register_buffer("w_zero", w_zero)      # asymmetric only
-        self.register_buffer("w_packed", quant.pack_int4(w_q))
+        self.register_buffer("w_packed", self._pack_codes(w_q))
         del w_q
+
+    def _pack_codes(self, w_q: torch.Tensor) -> torch.Tensor:
+        """The stored form of int8 (N, Kp) codes (`quant.pack_int4`; W4A4 overrides)."""
+        return quant.pack_int4(w_q, signed=self.weight_spec.symmetric)
 
     def set_int4_codes(self, w_q: torch.Tensor, w_scale: torch.Tensor,
                        w_zero: torch.Tensor | None = None) -> None:
@@ -314,7 +330,7 @@ class _Int4WeightMixin:
             raise ValueError(f"w_zero must have shape {tuple(self.w_zero.shape)}, "
                              f"got {tuple(w_zero.shape)}")
         dev = self.w_packed.device
-        self.w_packed = quant.pack_int4(w_q.to(dev), signed=self.weight_spec.symmetric)
+        self.w_packed = self._pack_codes(w_q.to(dev))
         self.w_scale = w_scale.to(device=dev, dtype=torch.float16).contiguous()
         if w_zero is not None:
             self.w_zero = w_zero.to(device=dev, dtype=self.w_zero.dtype).contiguous()
@@ -451,10 +467,11 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
     regular channels first, so x[:, perm] = [x_reg (M, Kq) | x_out (M, k)].
 
     Buffers: ``perm`` int64 (K,); ``outlier_idx`` int64 (k,) sorted; ``w_packed`` uint8
-    (N, ceil(Kp/2)) packed int4 codes, Kp = Kq padded to the block width (``w_q``, int8 (N, Kp),
+    (N, Kb/2) int4 codes in the W4A4 GEMM's layout, ``quant.pack_int4_blocked(w_q, 128)``
+    (Kp = Kq padded to the scale block width, Kb = Kp rounded up to 128; ``w_q``, int8 (N, Kp),
     is a read-only view unpacked from it); ``w_scale`` fp16 compact (see W4A16Linear);
     ``w_out`` fp16 (N, k) = W[:, outlier_idx]; ``bias`` fp16 or None. Non-persistent caches:
-    ``w_kernel`` (kernel layout, first kernel call), ``w_q_cache`` (reference path).
+    ``gather_idx`` (int32 perm, kernel path), ``w_q_cache`` (reference path).
 
     forward, x (M, K) -> fp32 (M, N):
         x_reg, x_out = split(x[:, perm]);  x_q, x_scale = quantize_per_token(x_reg, act_bits)
@@ -499,6 +516,7 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
                 else torch.arange(k_in, device=w.device))
         m = cls(k_in, linear.out_features)
         m.act_bits = act_bits
+        m.weight_layout = WEIGHT_LAYOUT_W4A4
         m.n_outliers = n_out
         m.k_regular = k_in - n_out
         m.register_buffer("perm", perm.contiguous())
@@ -508,6 +526,19 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
         m.register_buffer("w_out", w_perm[:, m.k_regular:].to(torch.float16).contiguous())
         m._register_bias(linear)
         return m
+
+    def _pack_codes(self, w_q: torch.Tensor) -> torch.Tensor:
+        return quant.pack_int4_blocked(w_q, _W4A4_BLOCK_K)
+
+    def _unpack(self) -> torch.Tensor:
+        return quant.unpack_int4_blocked(self.w_packed, self.k_padded, _W4A4_BLOCK_K)
+
+    def _gather_index(self, device: torch.device) -> torch.Tensor:
+        """int32 (K,) ``perm``: act_quant reads the channels from their original positions."""
+        cached = self._buffers.get("gather_idx")
+        if cached is not None and (torch.compiler.is_compiling() or cached.device == device):
+            return cached
+        return self._cache("gather_idx", self.perm.to(device=device, dtype=torch.int32))
 
     @property
     def int_path(self) -> bool:
@@ -544,25 +575,21 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
         copy, one pass) then the W4A4 GEMM with the outlier product fused, output in x.dtype
         (fp32 for fp64 inputs)."""
         from mixq.kernels.act_quant import act_quant
-        from mixq.kernels.w4a4 import prepare_w4a4_weight, w4a4_gemm
-        w_kernel = self._cached("w_kernel")
-        if w_kernel is None or w_kernel.device != x.device:
-            # the kernel's pre-shuffled int4 layout, built once from w_packed (the int8 unpack
-            # inside is a temporary; not saved: derived)
-            w_kernel = self._cache("w_kernel", prepare_w4a4_weight(
-                self.w_packed.to(x.device), self.k_padded))
+        from mixq.kernels.w4a4 import w4a4_gemm
+        w_packed = self.w_packed                      # already the GEMM's blocked layout
         pre = take_prequantized(x, self)     # payload of a fused QuantNorm (mixq.nn.norm), or None
         if pre is not None:
             x_q, x_scale, x_out = pre
         else:
-            if self.n_outliers:
-                x = x[:, self.perm]
-            # codes zero-padded to the prepared weight's Kpad columns inside the quant kernel
-            # (zero codes leave absmax and the dot unchanged): no tail step, no padding copy
-            x_q, x_scale, x_out = act_quant(x.contiguous(), n_outliers=self.n_outliers,
-                                            out_format="int8", pad_to=2 * w_kernel.shape[1])
+            # the kernel gathers the channels through perm (outliers last: no x[:, perm] copy)
+            # and zero-pads the codes to the weight's Kb columns (zero codes leave absmax and
+            # the dot unchanged): no tail step, no padding copy
+            x_q, x_scale, x_out = act_quant(
+                x.contiguous(), n_outliers=self.n_outliers, out_format="int8",
+                gather_idx=self._gather_index(x.device) if self.n_outliers else None,
+                pad_to=2 * w_packed.shape[1])
         g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else None
-        return w4a4_gemm(x_q, x_scale, w_kernel, self.w_scale, group_size=g,
+        return w4a4_gemm(x_q, x_scale, w_packed, self.w_scale, group_size=g,
                          x_out=x_out if self.n_outliers else None,
                          w_out=self.w_out if self.n_outliers else None, bias=self.bias,
                          out_dtype=x.dtype if x.dtype in _KERNEL_OUT_DTYPES else torch.float32)

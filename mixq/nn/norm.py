@@ -42,7 +42,7 @@ from torch import nn
 
 from mixq import outliers as _outliers
 from mixq.reference.norm import NORM_DTYPES, check_norm_args, norm_reference
-from mixq.validation import check_quant_args, check_tensor
+from mixq.validation import check_quant_args, check_tensor, hot_path
 
 __all__ = ["QuantNorm", "attach_consumers", "take_prequantized"]
 
@@ -144,6 +144,7 @@ class QuantNorm(nn.Module):
         from mixq.kernels._triton import fallback_to_reference
         return not fallback_to_reference(x, "norm_act_quant")
 
+    @hot_path
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Norm of `hidden_states` (..., K) float; see the class docstring."""
         check_tensor(hidden_states, "hidden_states", dtypes=_IN_DTYPES, device=self.weight.device)
