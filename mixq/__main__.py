@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench gemm": ("bench_gemm", "GEMM kernels vs cuBLAS bf16 / fp8 / int_mm / tinygemm (CUDA)"),
     "bench e2e": ("bench_e2e", "end-to-end tokens/s and memory: HF bf16 vs mixq presets"),
     "bench attention": ("bench_attention", "attention prefill / decode vs SDPA, one layer"),
+    "tune": ("tune", "tune the GEMM kernels for a model's shapes, write the GPU's config file"),
     "report": ("report", "figures and README results tables from results/*.json"),
     "quantize": ("quantize", "quantize a causal LM with a preset and save it"),
     "eval": ("evaluate", "WikiText-2 perplexity (and speed) of a model or checkpoint"),

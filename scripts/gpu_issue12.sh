@@ -2,7 +2,7 @@
 # Issue 12 on the H100: CUDA tests of the hot path, the module benchmark, a decode profile and the
 # end-to-end benchmark. Stages in the order given (default: tests gemm profile); each capped.
 #   run(carry=["data", ".whl"], command="bash scripts/gpu_issue12.sh tests gemm profile")
-#   run(carry=["data"], command="bash scripts/gpu_issue12.sh e2e")
+#   run(carry=["data"], command="bash scripts/gpu_issue12.sh tune e2e")
 # Writes under $OUT (default results/).
 set -u
 OUT=${OUT:-results}
@@ -31,6 +31,9 @@ for s in "${stages[@]}"; do
     profile)
       timeout "${PROFILE_TIMEOUT:-150}" python3 scripts/profile_decode.py --layers 2 --batch 1 \
         --json "$OUT/profile_decode_h100.json" 2>&1 | tail -n 90 ;;
+    tune)
+      timeout "${TUNE_TIMEOUT:-200}" python3 -m mixq tune --quiet --m "${TUNE_M:-1,2,4,8,16,32,64,128,256,512,1024,2048}" 2>&1 | tail -n 5
+      cp mixq/kernels/configs/*.json "$OUT/" 2>/dev/null ;;
     e2e)
       TORCH_LOGS=recompiles,graph_breaks timeout "${E2E_TIMEOUT:-540}" python3 -m mixq bench e2e \
         --models llama3-8b --layers "${E2E_LAYERS:-8}" --modes "${E2E_MODES:-bf16,w4a16-g128,w4a4-o1-salient}" \

@@ -7,7 +7,7 @@ import pytest
 
 from mixq.__main__ import COMMANDS, command_module, main, usage
 
-EXPECTED = {"mnist", "bench gemm", "bench e2e", "bench attention", "report", "quantize", "eval",
+EXPECTED = {"mnist", "bench gemm", "bench e2e", "bench attention", "tune", "report", "quantize", "eval",
             "sweep", "full", "ablation"}
 
 

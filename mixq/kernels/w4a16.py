@@ -59,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mixq.kernels import tuned
 from mixq.kernels._triton import (autotune, check_kernel_device, check_same_device,
                                   fallback_to_reference, interpret_mode, m_bucket, op_name)
 from mixq.kernels.pack import cast_rne
@@ -514,7 +515,6 @@ _KERNELS = {"gemv": _w4a16_gemv_kernel, "decode": _w4a16_kernel, "gemm": _w4a16_
 _TUNED = {r: autotune(cfgs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_KERNELS[r])
           for r, cfgs in _LISTS.items()}
 _COUNTERS: dict = {}
-_BEST: dict = {}          # launch key -> triton.Config picked by the autotuner (skips its per-call cost)
 # per regime: (largest SPLIT_K, smallest BLOCK_M (None: set by the launcher), smallest BLOCK_N)
 _LIST_LIMITS = {r: (max(c.kwargs["SPLIT_K"] for c in cfgs),
                     min((c.kwargs["BLOCK_M"] for c in cfgs if "BLOCK_M" in c.kwargs), default=None),
@@ -585,16 +585,15 @@ def _launch(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype, config=No
             m, n, k, w.shape[1], k // group_size, m_bucket(m),
             x.stride(0), w.stride(0))
     if config is None:
+        # a shipped / remembered config launches directly (mixq.kernels.tuned: no autotuner
+        # lookup per call)
         key = (regime, m_bucket(m), n, k, group_size, epw, x.dtype, w_scale.dtype, out_dtype,
-               w_zero is not None, bias is not None, bias.dtype if bias is not None else None,
-               x.device)
-        config = _BEST.get(key)
+               w_zero is not None, bias is not None, bias.dtype if bias is not None else None)
+        config = tuned.lookup("w4a16", key, x.device)
         if config is None:                   # first call: autotune, then remember the winner
             tuner = _TUNED[regime]
             tuner[grid](*args, **meta)
-            best = getattr(tuner, "best_config", None)
-            if best is not None:
-                _BEST[key] = best
+            tuned.remember("w4a16", key, getattr(tuner, "best_config", None), x.device)
             return y
     full = {**meta, **config.kwargs}
     _KERNELS[regime][grid(full)](*args, **full, num_warps=config.num_warps,

@@ -86,6 +86,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mixq.kernels import tuned
 from mixq.kernels._triton import (autotune, autotune_configs, check_kernel_device,
                                   check_same_device, fallback_to_reference, interpret_mode,
                                   m_bucket, op_name, round_up)
@@ -367,11 +368,17 @@ def _launch(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out, 
                 USE_ASM=_use_asm(x_q) if use_asm is None else use_asm, BKO=bko,
                 OUT_LOOP=out_loop)
     if config is None:
-        _pick_kernel(m)[grid](*args, **meta)
-    else:
-        full = {**meta, **config.kwargs}
-        _w4a4_kernel[grid(full)](*args, **full, num_warps=config.num_warps,
-                                 num_stages=config.num_stages)
+        # a shipped / remembered config launches directly (no autotuner lookup per call)
+        key = (m_bucket(m), n, k, block_k, group_size or 0, has_out, int_out, out_dtype)
+        config = tuned.lookup("w4a4", key, x_q.device)
+        if config is None:                         # first call of this key: autotune, keep it
+            tuner = _pick_kernel(m)
+            tuner[grid](*args, **meta)
+            tuned.remember("w4a4", key, getattr(tuner, "best_config", None), x_q.device)
+            return y
+    full = {**meta, **config.kwargs}
+    _w4a4_kernel[grid(full)](*args, **full, num_warps=config.num_warps,
+                             num_stages=config.num_stages)
     return y
 
 
