@@ -23,6 +23,7 @@ def test_export_and_reload(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(tuned, "CONFIG_DIR", tmp_path)
     monkeypatch.setattr(tuned, "_TABLES", {dev: {}})
+    monkeypatch.setattr(tuned, "_HITS", {})
     cfg = triton.Config({"BM": 16, "BN": 128, "PERSISTENT": False}, num_warps=4, num_stages=5)
     key = (1, 4096, 4096, 128, 0, True, False, torch.bfloat16)
     tuned.remember("w4a4", key, cfg, dev)

@@ -237,8 +237,8 @@ def resolve_outliers(x: torch.Tensor, n_outliers: int, outlier_idx: torch.Tensor
 
 def act_quant(x: torch.Tensor, *, n_outliers: int = 0, outlier_idx: torch.Tensor | None = None,
               out_format: str = "packed", bits: int = 4, out_dtype: torch.dtype = torch.float16,
-              pad_to: int = 1, gather_idx: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              pad_to: int = 1, gather_idx: torch.Tensor | None = None,
+              validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token symmetric quantization of the int4 part of `x` plus the outlier copy, one pass.
 
     Args:
@@ -257,6 +257,9 @@ def act_quant(x: torch.Tensor, *, n_outliers: int = 0, outlier_idx: torch.Tensor
             x's device, e.g. ``outlier_gather_index(K, idx)`` built once: the kernel reads
             channel ``gather_idx[j]`` as column j, and the last `n_outliers` columns are the
             outliers. Trusted (not validated: no sync) -- a permutation of range(K).
+        validate: False skips every argument check (for callers that validated their
+            operands once, at build time: `mixq.nn.W4A4Linear`); wrong arguments then give
+            wrong results or a launch error instead of a clear message.
     Returns:
         ``(x_q, x_scale, x_out)``: x_q as `out_format` with Ks columns (int8 (M, Ks), packed
         (M, ceil(Ks/2))); x_scale fp16 (M, 1); x_out (M, k)
@@ -264,6 +267,10 @@ def act_quant(x: torch.Tensor, *, n_outliers: int = 0, outlier_idx: torch.Tensor
     Raises:
         TypeError / ValueError on a bad dtype, shape, device, layout or argument.
     """
+    # the custom op makes the kernel traceable by torch.compile; eager calls skip its dispatch
+    impl = _act_quant_op if torch.compiler.is_compiling() else _act_quant_impl
+    if not validate:
+        return impl(x, gather_idx, n_outliers, out_format, bits, out_dtype, pad_to)
     check_tensor(x, "x", ndim=2, dtypes=_IN_DTYPES, contiguous=True)
     check_kernel_device(x, "x")
     check_quant_args(out_format, bits, n_outliers)
@@ -282,6 +289,4 @@ def act_quant(x: torch.Tensor, *, n_outliers: int = 0, outlier_idx: torch.Tensor
         _, n_outliers = resolve_outliers(x, n_outliers, None)
     else:
         gather_idx, n_outliers = resolve_outliers(x, n_outliers, outlier_idx)
-    # the custom op makes the kernel traceable by torch.compile; eager calls skip its dispatch
-    impl = _act_quant_op if torch.compiler.is_compiling() else _act_quant_impl
     return impl(x, gather_idx, n_outliers, out_format, bits, out_dtype, pad_to)

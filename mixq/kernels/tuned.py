@@ -90,20 +90,31 @@ def _table(device: torch.device) -> dict:
     return table
 
 
+#: (kernel, key tuple, device) -> config: the per-call fast path (one dict hit, no formatting)
+_HITS: dict = {}
+
+
 def lookup(kernel: str, key: tuple, device: torch.device):
     """The config for `kernel` at tuning `key` on `device` (shipped or remembered), else None."""
-    return _table(device).get(kernel, {}).get(key_string(key))
+    hit = _HITS.get((kernel, key, device))
+    if hit is None:
+        hit = _table(device).get(kernel, {}).get(key_string(key))
+        if hit is not None:
+            _HITS[(kernel, key, device)] = hit
+    return hit
 
 
 def remember(kernel: str, key: tuple, config, device: torch.device) -> None:
     """Keep the autotuner's winner for the rest of the process (and for `export`)."""
     if config is not None:
         _table(device).setdefault(kernel, {})[key_string(key)] = config
+        _HITS[(kernel, key, device)] = config
 
 
 def clear() -> None:
     """Forget every table (tests; the next lookup reloads the file)."""
     _TABLES.clear()
+    _HITS.clear()
 
 
 def export(path: str | os.PathLike, device: torch.device) -> dict:

@@ -387,13 +387,19 @@ def _launch(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out, 
 # ------------------------------------------------------------------------------------------
 
 
+def _w4a4_gemm_impl(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out, bias,
+                    out_dtype):
+    return _launch(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out, bias,
+                   out_dtype, int_out=False)
+
+
 @torch.library.custom_op(op_name("w4a4_gemm"), mutates_args=())
 def _w4a4_gemm_op(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
                   w_scale: torch.Tensor, group_size: int, block_k: int,
                   x_out: torch.Tensor | None, w_out: torch.Tensor | None,
                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    return _launch(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out, bias,
-                   out_dtype, int_out=False)
+    return _w4a4_gemm_impl(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out,
+                           bias, out_dtype)
 
 
 @_w4a4_gemm_op.register_fake
@@ -517,7 +523,7 @@ def w4a4_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
               w_scale: torch.Tensor, *, group_size: int | None = None,
               block_k: int = W4A4_BLOCK_K, x_out: torch.Tensor | None = None,
               w_out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+              out_dtype: torch.dtype = torch.bfloat16, validate: bool = True) -> torch.Tensor:
     """W4A4 GEMM with fused FP16 outliers: ``y = (x_q @ w_q^T) * scales + x_out @ w_out^T + bias``.
 
     See the module docstring for the exact math (it matches `mixq.reference.w4a4_linear` given
@@ -537,12 +543,20 @@ def w4a4_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
         w_out: optional (N, k) same dtype as `x_out`, the outlier weight columns.
         bias: optional (N,) float.
         out_dtype: torch.bfloat16 (default), torch.float16 or torch.float32.
+        validate: False skips every check (callers that validated the operands at build
+            time, on a GPU the kernel supports: `mixq.nn.W4A4Linear`); `x_scale` must then be
+            contiguous with M elements.
     Returns:
         (M, N) tensor of `out_dtype`.
     Raises:
         TypeError: a wrong dtype. ValueError: wrong shapes, non-contiguous operands, mixed or
             unsupported devices, group_size not compatible with Kq / block_k.
     """
+    # the custom op makes the kernel traceable by torch.compile; eager calls skip its dispatch
+    impl = _w4a4_gemm_op if torch.compiler.is_compiling() else _w4a4_gemm_impl
+    if not validate:
+        return impl(x_q, x_scale.reshape(-1), w_packed, w_scale, group_size or 0, block_k,
+                    x_out, w_out, bias, out_dtype)
     m, n, k = _check_int_operands(x_q, w_packed, block_k)
     check_tensor(x_scale, "x_scale", ndim=(1, 2), dtypes=_SCALE_DTYPES, nonempty=False)
     if x_scale.numel() != m or (x_scale.dim() == 2 and x_scale.shape[1] != 1):
@@ -597,8 +611,8 @@ def w4a4_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
     if fallback_to_reference(x_q, "w4a4_gemm"):
         return _reference_gemm(x_q, x_scale, w_packed, w_scale, group_size, block_k,
                                x_out, w_out, bias).to(out_dtype)
-    return _w4a4_gemm_op(x_q, x_scale, w_packed, w_scale, group_size or 0, block_k,
-                         x_out, w_out, bias, out_dtype)
+    return impl(x_q, x_scale, w_packed, w_scale, group_size or 0, block_k, x_out, w_out, bias,
+                out_dtype)
 
 
 def _reference_gemm(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out, bias):

@@ -176,6 +176,9 @@ class QuantLinearBase(nn.Module):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def _device(self) -> torch.device:
+        for t in self._buffers.values():        # cheaper than self.buffers() (a generator)
+            if t is not None:
+                return t.device
         return next(iter(self.buffers())).device
 
     def _wants_kernel(self, x: torch.Tensor, kernel: str) -> bool:
@@ -577,6 +580,8 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
         from mixq.kernels.act_quant import act_quant
         from mixq.kernels.w4a4 import w4a4_gemm
         w_packed = self.w_packed                      # already the GEMM's blocked layout
+        if x.dtype not in _KERNEL_OUT_DTYPES:          # fp64: the kernels read fp32
+            x = x.float()
         pre = take_prequantized(x, self)     # payload of a fused QuantNorm (mixq.nn.norm), or None
         if pre is not None:
             x_q, x_scale, x_out = pre
@@ -584,15 +589,23 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
             # the kernel gathers the channels through perm (outliers last: no x[:, perm] copy)
             # and zero-pads the codes to the weight's Kb columns (zero codes leave absmax and
             # the dot unchanged): no tail step, no padding copy
+            # (operands validated when the module was built or loaded: no per-call checks)
             x_q, x_scale, x_out = act_quant(
                 x.contiguous(), n_outliers=self.n_outliers, out_format="int8",
                 gather_idx=self._gather_index(x.device) if self.n_outliers else None,
-                pad_to=2 * w_packed.shape[1])
+                pad_to=2 * w_packed.shape[1], bits=self.act_bits, validate=False,
+                out_dtype=self.w_out.dtype if self.n_outliers else torch.float16)
         g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else None
         return w4a4_gemm(x_q, x_scale, w_packed, self.w_scale, group_size=g,
                          x_out=x_out if self.n_outliers else None,
                          w_out=self.w_out if self.n_outliers else None, bias=self.bias,
-                         out_dtype=x.dtype if x.dtype in _KERNEL_OUT_DTYPES else torch.float32)
+                         out_dtype=x.dtype, validate=self._buffers_moved())
+
+    def _buffers_moved(self) -> bool:
+        """True when ``.to(dtype)`` changed the float buffers from what the build validated
+        (then the GEMM checks its operands and names the problem)."""
+        return (self.w_scale.dtype != torch.float16 and self.w_scale.dtype != torch.bfloat16) or \
+            (self.n_outliers > 0 and self.w_out.dtype not in (torch.float16, torch.bfloat16))
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_path and self._wants_kernel(x, "w4a4"):
