@@ -106,7 +106,17 @@ def check_tensor(x, name: str, *, ndim: int | Iterable[int] | None = None,
     if contiguous and not x.is_contiguous():
         raise ValueError(f"{name} must be contiguous (shape {tuple(x.shape)}, "
                          f"stride {x.stride()}); call .contiguous() first")
-    if finite and x.is_floating_point() and value_checks() and not bool(torch.isfinite(x).all()):
+    if finite and value_checks():
+        check_finite(x, name)
+    return x
+
+
+def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Raise ValueError if the floating tensor `x` holds NaN or +-Inf (counts in the message).
+    A value check that always runs (a host sync): for an explicit opt-in such as
+    ``KV4Cache(check_finite=True)``; `check_tensor(finite=True)` calls it only where
+    `value_checks()` allows."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise ValueError(f"{name} has non-finite values ({n_nan} NaN, {n_inf} Inf)")

@@ -42,7 +42,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from mixq.reference.kv_cache import (KV_BITS, dequantize_kv, pack_codes, quantize_heads,
                                      quantize_keys)
-from mixq.validation import check_tensor
+from mixq.validation import check_finite, check_tensor, hot_path
 
 __all__ = ["KV4Layer", "KV4Cache", "guard_generate", "find_kv4_cache", "CACHE_KWARGS"]
 
@@ -100,9 +100,11 @@ class KV4Layer(DynamicLayer):
         self.is_initialized = True
 
     def _check_states(self, key_states, value_states) -> None:
-        check_tensor(key_states, "key_states", ndim=4, dtypes=_FLOATS, finite=self.check_finite)
-        check_tensor(value_states, "value_states", ndim=4, dtypes=_FLOATS,
-                     finite=self.check_finite)
+        check_tensor(key_states, "key_states", ndim=4, dtypes=_FLOATS)
+        check_tensor(value_states, "value_states", ndim=4, dtypes=_FLOATS)
+        if self.check_finite:                  # opted in: a host sync per update
+            check_finite(key_states, "key_states")
+            check_finite(value_states, "value_states")
         if key_states.shape != value_states.shape:
             raise ValueError(f"key_states {tuple(key_states.shape)} and value_states "
                              f"{tuple(value_states.shape)} must have one shape (B, Hkv, L, D)")
@@ -113,6 +115,7 @@ class KV4Layer(DynamicLayer):
                 raise ValueError(f"key_states {tuple(key_states.shape)} on {key_states.device} do "
                                  f"not fit the cache (B, Hkv, D) = {want} on {self.device}")
 
+    @hot_path
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, Hkv, L, D) keys/values; quantize every completed group of G tokens.
