@@ -107,18 +107,20 @@ def test_outlier_count(k, expected):
 
 def test_module_modes_expand_and_get_eager_overheads(seed):
     """``--modes module`` = the nn modules and the kernels they launch; a module row's
-    eager_overhead_us is its eager time minus its kernels' eager time."""
+    eager_overhead_us is its eager time minus its kernels' eager time (at M=1 W4A4Linear runs
+    the fused decode kernel; above 16 tokens act-quant + GEMM)."""
     a = bench.parse_args(["--modes", "module"])
-    assert a.mode_list == ["bf16", "mixq_w4a16", "mixq_w4a4+quant", "bf16_module",
-                           "mixq_w4a16_module", "mixq_w4a4_module"]
+    assert a.mode_list == ["bf16", "mixq_w4a16", "mixq_w4a4+quant", "mixq_w4a4_decode",
+                           "bf16_module", "mixq_w4a16_module", "mixq_w4a4_module"]
     assert set(bench.parse_args(["--modes", "all"]).mode_list) == set(bench.MODES)
     rng = random.Random(seed)
     meta, t = _meta(), rng.uniform(0.01, 0.05)
     rows = [bench.make_row(meta, "8b.o", 4096, 4096, 1, mode, t, 0.0, eager_ms=e)
-            for mode, e in [("bf16", 0.020), ("mixq_w4a4+quant", 0.015),
+            for mode, e in [("bf16", 0.020), ("mixq_w4a4_decode", 0.015),
                             ("bf16_module", 0.030), ("mixq_w4a4_module", 0.024)]]
     by = {r["mode"]: r for r in bench.add_speedups(rows)}
     assert by["mixq_w4a4_module"]["eager_overhead_us"] == pytest.approx(9.0)
     assert by["mixq_w4a4_module"]["eager_speedup_vs_bf16"] == pytest.approx(0.030 / 0.024)
     assert by["bf16_module"]["eager_overhead_us"] == pytest.approx(10.0)
     assert "+9.0 us over its kernels" in bench.format_markdown(rows, meta)
+    assert bench.module_kernels("mixq_w4a4_module", 2048) == "mixq_w4a4+quant"

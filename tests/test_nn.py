@@ -433,3 +433,20 @@ def test_set_int4_codes_and_memory_bytes_reject_bad_input(seed):
     tied = nn.ModuleDict({"emb": emb, "head": nn.Linear(4, 10, bias=False)})
     tied["head"].weight = emb.weight                  # tied: held once
     assert qnn.module_memory_bytes(tied) == 10 * 4 * 4
+
+
+@pytest.mark.parametrize("group", [None, 128])
+def test_w4a4_decode_and_prefill_kernels_agree(seed, device, group):
+    """M <= 16 rows take the fused decode kernel, more take act_quant + GEMM: the same rows
+    give the same outputs bit for bit, and both match the reference."""
+    spec = QuantSpec(4, True, "row") if group is None else QuantSpec(4, True, "group", group)
+    lin = _linear(300, 40).to(device)
+    m = qnn.W4A4Linear.from_linear(lin, weight_spec=spec,
+                                   outlier_idx=torch.tensor([2, 77, 299], device=device))
+    m.use_kernels = True
+    x = torch.randn(40, 300, device=device)
+    many = m(x)                                       # 40 rows: act_quant + w4a4_gemm
+    few = m(x[:5])                                    # 5 rows: w4a4_decode_gemm
+    assert torch.equal(few, many[:5])
+    m.use_kernels = False
+    torch.testing.assert_close(few, m(x[:5]), rtol=1e-5, atol=1e-4)

@@ -18,6 +18,8 @@ mixq_w4a4           `mixq.kernels.w4a4.w4a4_gemm`, int4 x int4 per-channel, pre-
 mixq_w4a4_outliers  the same with k = 1% of K FP16 outlier channels fused (k a multiple of 16)
 mixq_w4a4+quant     act-quant kernel (bf16 x -> int8 codes + scales + fp16 outliers) + the above
 mixq_quant          the act-quant kernel alone (also reported as a fraction of copy bandwidth)
+mixq_w4a4_decode    `mixq.kernels.w4a4_decode.w4a4_decode_gemm`: act-quant fused into the
+                    GEMM (one launch; what W4A4Linear runs for M <= 16), 1% outliers gathered
 bf16_module         ``nn.Linear`` (bf16, no bias): what a user's float model runs
 mixq_w4a16_module   `mixq.nn.W4A16Linear` g128 forward: checks, reshapes and the kernel
 mixq_w4a4_module    `mixq.nn.W4A4Linear` per-row, 1% FP16 outliers (the last 1% of channels,
@@ -25,7 +27,8 @@ mixq_w4a4_module    `mixq.nn.W4A4Linear` per-row, 1% FP16 outliers (the last 1% 
 ==================  =========================================================================
 
 ``module`` (``--modes module``) selects the three module modes plus the kernels they run
-(bf16, mixq_w4a16, mixq_w4a4+quant): the module's cost over its kernels alone is what the
+(bf16, mixq_w4a16, mixq_w4a4+quant, mixq_w4a4_decode): the module's cost over its kernels
+alone (the decode kernel for M <= 16, act-quant + GEMM above) is what the
 Python layer adds. Those six modes also get ``eager_ms``: the median per call of a plain eager
 loop (`mixq.experiments.common.eager_time_ms`: no graph, so host-side costs -- Python, checks,
 launches -- show where the host is slower than the GPU, as at M=1), and
@@ -75,13 +78,22 @@ DEFAULT_M = (1, 16, 128, 512, 2048)
 QUICK_M = (16, 2048)
 #: The GEMMs timed (bench rows' "mode"): the peers, then mixq's kernels.
 GEMM_KERNELS = ("bf16", "fp8_scaled_mm", "int8_int_mm", "tinygemm_w4a16", "mixq_w4a16",
-                "mixq_w4a4", "mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_quant")
+                "mixq_w4a4", "mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_quant",
+                "mixq_w4a4_decode")
 #: nn modules timed beside the kernels they launch (module -> kernels-alone mode).
 MODULE_MODES = {"bf16_module": "bf16", "mixq_w4a16_module": "mixq_w4a16",
                 "mixq_w4a4_module": "mixq_w4a4+quant"}
 #: Every mode, and the modes that also get an eager-loop time.
 MODES = GEMM_KERNELS + tuple(MODULE_MODES)
-EAGER_MODES = frozenset(MODULE_MODES) | frozenset(MODULE_MODES.values())
+EAGER_MODES = frozenset(MODULE_MODES) | frozenset(MODULE_MODES.values()) | {"mixq_w4a4_decode"}
+DECODE_MAX_M = 16        # W4A4Linear's dispatch (mixq.nn.linear.W4A4_DECODE_MAX_M)
+
+
+def module_kernels(mode: str, m: int) -> str | None:
+    """The kernels-alone mode a module mode runs at M tokens (None: not a module mode)."""
+    if mode == "mixq_w4a4_module" and m <= DECODE_MAX_M:
+        return "mixq_w4a4_decode"
+    return MODULE_MODES.get(mode)
 OUTLIER_FRACTION = 0.01
 OUTLIER_GAIN = 30.0
 COLUMNS = ("M", "mode", "NxK", "time_ms", "speedup_vs_bf16", "rel_err_vs_bf16")
@@ -142,7 +154,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.m_list = int_list(args.m, "--m") if args.m else list(QUICK_M if args.quick else DEFAULT_M)
     modes: list[str] = []
     for m in comma_list(args.modes):
-        group = {"module": [*MODULE_MODES.values(), *MODULE_MODES], "all": list(MODES)}.get(m, [m])
+        group = {"module": [*MODULE_MODES.values(), "mixq_w4a4_decode", *MODULE_MODES],
+                 "all": list(MODES)}.get(m, [m])
         modes += [g for g in group if g not in modes]
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -178,7 +191,7 @@ def add_speedups(rows: list[dict]) -> list[dict]:
         if r.get("eager_ms"):
             e0 = eager_base.get((r["shape"], r["M"]))
             r["eager_speedup_vs_bf16"] = e0 / r["eager_ms"] if e0 else None
-        kernels = MODULE_MODES.get(r["mode"])
+        kernels = module_kernels(r["mode"], r["M"])
         if kernels and r.get("eager_ms"):
             k_ms = by_mode(kernels, "eager_ms").get((r["shape"], r["M"]))
             r["eager_overhead_us"] = 1e3 * (r["eager_ms"] - k_ms) if k_ms else None
@@ -327,7 +340,7 @@ class _ShapeBench:
         if mode == "mixq_w4a4":
             q, s = _quant_weight_rows(w, None)
             return dict(w=w4a4.prepare_w4a4_weight(q), s=s)
-        if mode in ("mixq_w4a4_outliers", "mixq_w4a4+quant"):
+        if mode in ("mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_w4a4_decode"):
             q, s = _quant_weight_rows(w[:, :self.kq].contiguous(), None)
             return dict(w=w4a4.prepare_w4a4_weight(q), s=s,
                         w_out=w[:, self.kq:].to(torch.float16).contiguous())
@@ -405,6 +418,13 @@ class _ShapeBench:
                 return lambda: aq.act_quant(o["x"], n_outliers=ko, out_format="int8",
                                             pad_to=w4a4.W4A4_BLOCK_K)
             return make, 2 * m * k + m * kqp + 2 * m + 2 * m * ko
+        if mode == "mixq_w4a4_decode":
+            from mixq.kernels.w4a4_decode import w4a4_decode_gemm
+
+            def make(o):
+                return lambda: w4a4_decode_gemm(o["x"], o["w"], o["s"], n_outliers=ko,
+                                                w_out=o["w_out"])
+            return make, 2 * m * k + wb["w"].numel() + 2 * n + 2 * n * ko + out_b
         if mode in MODULE_MODES:
             _, kernel_bytes = self.call_factory(MODULE_MODES[mode], m)
 
@@ -505,7 +525,8 @@ def _measure(sb: "_ShapeBench", meta: dict, name: str, m: int, mode: str, ref):
     err = _rel_err(y, ref) if (y is not None and ref is not None) else None
     extra["gbs"] = extra["bytes"] / (t * 1e-3) / 1e9
     extra["tops"] = 2 * m * n * k / (t * 1e-3) / 1e12 if mode != "mixq_quant" else None
-    if mode in ("mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_quant", "mixq_w4a4_module"):
+    if mode in ("mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_quant", "mixq_w4a4_module",
+                "mixq_w4a4_decode"):
         extra["k_out"] = sb.k_out
     if mode == "mixq_quant":
         extra["frac_of_copy_bw"] = extra["gbs"] / meta["copy_bandwidth_gbs"]

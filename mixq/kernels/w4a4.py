@@ -65,9 +65,9 @@ striding over the tiles in a flattened loop, so the next tile's loads overlap th
 Environment knobs: ``MIXQ_NO_AUTOTUNE=1`` (first config only, for fast CUDA test runs) and
 ``MIXQ_W4A4_PERSISTENT=0`` (drop persistent configs).
 
-Small M (decode, M <= ~16 tokens) is bound by reading weights, not by math: callers such as a
-W4A4 linear layer should dispatch it to the W4A16 kernel (`mixq.kernels.w4a16`) instead; this
-module does not decide that.
+Small M (decode, M <= ~16 tokens) is bound by reading weights, not by math:
+`mixq.kernels.w4a4_decode` runs the same main loop on the same weights with the activation
+quantization fused in (one launch instead of two); `mixq.nn.W4A4Linear` dispatches by M.
 
 Public API
 ----------

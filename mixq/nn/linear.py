@@ -66,6 +66,9 @@ _W4A4_BLOCK_K = W4A4_WEIGHT_BLOCK
 #: ``W4A4Linear.weight_layout``: w_packed is `quant.pack_int4_blocked(w_q, 128)` (checkpoints
 #: without the attribute hold `quant.pack_int4` codes; `mixq.io` converts them on load).
 WEIGHT_LAYOUT_W4A4 = "int4-blocked128"
+#: token counts up to this take the fused decode kernel (`mixq.kernels.w4a4_decode`; kept here
+#: so nn imports no triton at module level)
+W4A4_DECODE_MAX_M = 16
 _KERNEL_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_W8_SPEC = default_specs("w8a8")[0]
 
@@ -574,15 +577,27 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
         return None
 
     def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """The same math on the Triton kernels: act_quant (per-token int4 + the fp16 outlier
-        copy, one pass) then the W4A4 GEMM with the outlier product fused, output in x.dtype
-        (fp32 for fp64 inputs)."""
+        """The same math on the Triton kernels, output in x.dtype (fp32 for fp64 inputs):
+        M <= 16 tokens: one launch, `w4a4_decode_gemm` (quantization fused in); more: act_quant
+        (per-token int4 codes + the fp16 outlier copy, gathered through ``perm``) then the W4A4
+        GEMM with the outlier product fused; after a fused QuantNorm, its codes go straight to
+        the GEMM. The three give the same result bit for bit."""
         from mixq.kernels.act_quant import act_quant
         from mixq.kernels.w4a4 import w4a4_gemm
         w_packed = self.w_packed                      # already the GEMM's blocked layout
         if x.dtype not in _KERNEL_OUT_DTYPES:          # fp64: the kernels read fp32
             x = x.float()
         pre = take_prequantized(x, self)     # payload of a fused QuantNorm (mixq.nn.norm), or None
+        g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else None
+        if pre is None and x.shape[0] <= W4A4_DECODE_MAX_M:
+            # decode: one kernel quantizes the few rows and multiplies (same result bit for bit)
+            from mixq.kernels.w4a4_decode import w4a4_decode_gemm
+            return w4a4_decode_gemm(
+                x.contiguous(), w_packed, self.w_scale, n_outliers=self.n_outliers,
+                gather_idx=self._gather_index(x.device) if self.n_outliers else None,
+                w_out=self.w_out if self.n_outliers else None, bias=self.bias,
+                group_size=g, bits=self.act_bits, out_dtype=x.dtype,
+                validate=self._buffers_moved())
         if pre is not None:
             x_q, x_scale, x_out = pre
         else:
@@ -595,7 +610,6 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
                 gather_idx=self._gather_index(x.device) if self.n_outliers else None,
                 pad_to=2 * w_packed.shape[1], bits=self.act_bits, validate=False,
                 out_dtype=self.w_out.dtype if self.n_outliers else torch.float16)
-        g = self.weight_spec.group_size if self.weight_spec.granularity == "group" else None
         return w4a4_gemm(x_q, x_scale, w_packed, self.w_scale, group_size=g,
                          x_out=x_out if self.n_outliers else None,
                          w_out=self.w_out if self.n_outliers else None, bias=self.bias,
