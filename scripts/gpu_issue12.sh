@@ -22,15 +22,15 @@ for s in "${stages[@]}"; do
     tests)
       par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 8)
       MIXQ_NO_AUTOTUNE=1 timeout "${TESTS_TIMEOUT:-140}" python3 -m pytest -q -p no:cacheprovider "${par[@]}" \
-        tests/test_compile.py tests/test_nn.py tests/test_io.py tests/test_kernels_act_quant.py \
+        ${TEST_FILES:-tests/test_compile.py tests/test_nn.py tests/test_io.py tests/test_kernels_act_quant.py \
         tests/test_kernels_w4a4.py tests/test_kernels_w4a4_decode.py tests/test_kernels_tuned.py \
-        tests/test_norm.py tests/test_kv_cache.py tests/test_attention.py \
+        tests/test_norm.py tests/test_kv_cache.py tests/test_attention.py} \
         2>&1 | tee "$OUT/tests_cuda_issue12.log" | grep -E "passed|failed|error|FAILED|Error" | tail -n 30 ;;
     gemm)
       timeout "${GEMM_TIMEOUT:-170}" python3 -m mixq bench gemm --shapes 8b,1b.qkv,1b.down --m 1,16,2048 \
         --modes module --json "$OUT/gemm_module_h100.json" --md "$OUT/gemm_module_h100.md" 2>&1 | tail -n 80 ;;
     profile)
-      timeout "${PROFILE_TIMEOUT:-100}" python3 scripts/profile_decode.py --layers 2 --batch 1 \
+      PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} timeout "${PROFILE_TIMEOUT:-100}" python3 scripts/profile_decode.py --layers 2 --batch 1 \
         --json "$OUT/profile_decode_h100.json" 2>&1 | tail -n 90 ;;
     tune)
       timeout "${TUNE_TIMEOUT:-150}" python3 -m mixq tune --quiet --m "${TUNE_M:-1,2,4,8,16,32,64,128,512,2048}" 2>&1 | tail -n 5

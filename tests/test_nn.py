@@ -436,9 +436,10 @@ def test_set_int4_codes_and_memory_bytes_reject_bad_input(seed):
 
 
 @pytest.mark.parametrize("group", [None, 128])
-def test_w4a4_decode_and_prefill_kernels_agree(seed, device, group):
-    """M <= 16 rows take the fused decode kernel, more take act_quant + GEMM: the same rows
-    give the same outputs bit for bit, and both match the reference."""
+def test_w4a4_decode_and_prefill_kernels_agree(seed, device, group, monkeypatch):
+    """With the fused decode kernel switched on for M <= 16 rows (more take act_quant + GEMM),
+    the same rows give the same outputs bit for bit, and both match the reference."""
+    monkeypatch.setattr(qnn.linear, "W4A4_DECODE_MAX_M", 16)
     spec = QuantSpec(4, True, "row") if group is None else QuantSpec(4, True, "group", group)
     lin = _linear(300, 40).to(device)
     m = qnn.W4A4Linear.from_linear(lin, weight_spec=spec,

@@ -66,9 +66,10 @@ _W4A4_BLOCK_K = W4A4_WEIGHT_BLOCK
 #: ``W4A4Linear.weight_layout``: w_packed is `quant.pack_int4_blocked(w_q, 128)` (checkpoints
 #: without the attribute hold `quant.pack_int4` codes; `mixq.io` converts them on load).
 WEIGHT_LAYOUT_W4A4 = "int4-blocked128"
-#: token counts up to this take the fused decode kernel (`mixq.kernels.w4a4_decode`; kept here
-#: so nn imports no triton at module level)
-W4A4_DECODE_MAX_M = 16
+#: token counts up to this take the fused decode kernel (`mixq.kernels.w4a4_decode`). 0 = off:
+#: on the H100 it measured 2-3x slower than act_quant + w4a4_gemm (every program re-quantizes
+#: the rows: results/gemm_module_h100.md), so it stays opt-in until it is tuned.
+W4A4_DECODE_MAX_M = 0
 _KERNEL_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_W8_SPEC = default_specs("w8a8")[0]
 
@@ -578,7 +579,8 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
 
     def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The same math on the Triton kernels, output in x.dtype (fp32 for fp64 inputs):
-        M <= 16 tokens: one launch, `w4a4_decode_gemm` (quantization fused in); more: act_quant
+        M <= `W4A4_DECODE_MAX_M` tokens (off by default): one launch, `w4a4_decode_gemm`
+        (quantization fused in); otherwise act_quant
         (per-token int4 codes + the fp16 outlier copy, gathered through ``perm``) then the W4A4
         GEMM with the outlier product fused; after a fused QuantNorm, its codes go straight to
         the GEMM. The three give the same result bit for bit."""
