@@ -29,6 +29,10 @@ for s in "${stages[@]}"; do
     gemm)
       timeout "${GEMM_TIMEOUT:-170}" python3 -m mixq bench gemm --shapes 8b,1b.qkv,1b.down --m 1,16,2048 \
         --modes module --json "$OUT/gemm_module_h100.json" --md "$OUT/gemm_module_h100.md" 2>&1 | tail -n 80 ;;
+    decode)
+      timeout "${DECODE_TIMEOUT:-60}" python3 -m mixq bench gemm --quick --shapes 8b --m 1,4 \
+        --modes bf16,mixq_w4a16,mixq_w4a4+quant,mixq_w4a4_decode --json "$OUT/gemm_decode_h100.json" \
+        --md "$OUT/gemm_decode_h100.md" 2>&1 | grep -E "^8b" ;;
     profile)
       PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} timeout "${PROFILE_TIMEOUT:-100}" python3 scripts/profile_decode.py --layers 2 --batch 1 \
         --json "$OUT/profile_decode_h100.json" 2>&1 | tail -n 90 ;;

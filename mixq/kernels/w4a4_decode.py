@@ -20,8 +20,12 @@ the scale and the codes, and the integer main loop is exact)::
     y[m, n]   = (sum_groups float(int32 sum x_q * w_q) * w_scale[n, g]) * s[m]
                 + sum_i fp16(x[m, c_{Kq+i}]) * w_out[n, i] + bias[n]
 
-Tiling: one program per (BN weight rows, BM = 16 tokens) tile; a first pass over K finds each
-row's absmax, the main loop re-reads x (float), quantizes a block and feeds it to ``tl.dot``.
+Tiling: up to `GEMV_MAX_M` tokens, one program per (BN weight rows, one token) on CUDA cores
+(int32 multiply-adds, nothing through shared memory); more, one program per (BN weight rows,
+BM = 16 tokens) tile on the int8 tensor cores. Either way a first pass over K finds the row's
+absmax, and the main loop re-reads x (float), quantizes a block and multiplies it. The integer
+parts are exact; the FP16 outlier sum of the CUDA-core path adds in another order than the
+tensor cores' (equal under the interpreter, within fp32 rounding on a GPU).
 
 Public API: `w4a4_decode_gemm(x, w_packed, w_scale, ...)` -> (M, N) (torch op
 ``torch.ops.mixq.w4a4_decode_gemm``); `DECODE_MAX_M`, the largest M `mixq.nn.W4A4Linear`
@@ -39,11 +43,11 @@ from mixq.kernels import tuned
 from mixq.kernels._triton import (autotune, check_kernel_device, check_same_device, m_bucket,
                                   op_name, round_up)
 from mixq.kernels.act_quant import _load_x, _quantize_tile
-from mixq.kernels.pack import cast_rne
+from mixq.kernels.pack import cast_rne, round_half_even
 from mixq.kernels.w4a4 import W4A4_BLOCK_K, _check_block_k, _unpack_hi, _unpack_lo, _use_asm
 from mixq.validation import check_tensor
 
-__all__ = ["DECODE_MAX_M", "w4a4_decode_gemm"]
+__all__ = ["DECODE_MAX_M", "GEMV_MAX_M", "w4a4_decode_gemm"]
 
 DECODE_MAX_M = 16
 """Token counts up to this run the fused decode kernel in `mixq.nn.W4A4Linear`."""
@@ -52,6 +56,14 @@ _BM = 16                       # tokens per tile (the int8 wgmma's N; M <= 16 is
 _IN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+GEMV_MAX_M = 4
+"""Up to this many tokens the one-token-per-program CUDA-core kernel runs (each program reads
+its weight rows once per token, so it pays off only for very few tokens)."""
+
+_GEMV_CONFIGS = [triton.Config({"BN": bn}, num_warps=w, num_stages=s)
+                 for bn, w, s in [(32, 4, 3), (16, 4, 3), (64, 4, 3), (32, 8, 4), (64, 8, 4),
+                                  (16, 2, 4)]]
 
 _CONFIGS = [triton.Config({"BN": bn}, num_warps=w, num_stages=s)
             for bn, w, s in [(64, 4, 4), (32, 4, 4), (128, 4, 4), (64, 4, 2), (128, 8, 3),
@@ -150,6 +162,98 @@ def _w4a4_decode_kernel(x_ptr, perm_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr,
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _nibbles(w):
+    """(low, high) signed nibbles of uint8 `w` as int32."""
+    b = w.to(tl.int32)
+    return ((b & 0xF) ^ 8) - 8, (((b >> 4) & 0xF) ^ 8) - 8
+
+
+@triton.jit
+def _gemv_block(acc, w_ptrs, x_ptr, perm_ptr, row, p0, KQ, s32,
+                HAS_PERM: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                HALF: tl.constexpr):
+    """acc (BN,) int32 += W_block @ codes_block for one token (CUDA cores, no shared memory)."""
+    w_lo, w_hi = _nibbles(tl.load(w_ptrs + p0))
+    cols = 2 * p0 + tl.arange(0, 2 * HALF)
+    cmask = cols < KQ
+    if HAS_PERM:
+        src = tl.load(perm_ptr + cols, mask=cmask, other=0)
+    else:
+        src = cols
+    xk = tl.load(x_ptr + row + src, mask=cmask, other=0.0).to(tl.float32)
+    v = tl.minimum(tl.maximum(tl.math.div_rn(xk, s32), QMIN * 1.0), QMAX * 1.0)
+    q = round_half_even(v).to(tl.int32)        # the codes of act_quant's _quantize_tile
+    q_lo, q_hi = tl.split(tl.permute(tl.reshape(q, (2, HALF)), (1, 0)))
+    return acc + tl.sum(w_lo * q_lo[None, :], axis=1) + tl.sum(w_hi * q_hi[None, :], axis=1)
+
+
+@autotune(_GEMV_CONFIGS, key=["N", "KQ", "KP", "GROUP", "KO"])
+@triton.jit
+def _w4a4_gemv_kernel(x_ptr, perm_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr,
+                      M, N, KQ, KP, KO,
+                      stride_xm, stride_wn, stride_wsn, stride_won, stride_ym,
+                      BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_OUT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr,
+                      QMIN: tl.constexpr, QMAX: tl.constexpr, BN: tl.constexpr):
+    """One token x BN weight rows per program, on CUDA cores: the weight-bandwidth-bound
+    path for M <= `GEMV_MAX_M` (no tensor-core tile of 16 tokens to fill)."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    m = tl.program_id(1)
+    rows_n = tl.minimum(offs_n, N - 1)
+    row = m.to(tl.int64) * stride_xm
+    offs_p = tl.arange(0, HALF)
+    w_ptrs = w_ptr + rows_n[:, None].to(tl.int64) * stride_wn + offs_p[None, :]
+    absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, KQ, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < KQ
+        if HAS_PERM:
+            src = tl.load(perm_ptr + cols, mask=cmask, other=0)
+        else:
+            src = cols
+        xk = tl.load(x_ptr + row + src, mask=cmask, other=0.0).to(tl.float32)
+        absmax = tl.maximum(absmax, tl.abs(xk))
+    scale = tl.math.div_rn(tl.max(absmax, axis=0), QMAX * 1.0).to(tl.float16)
+    scale = tl.where(scale == 0, 1.0, scale).to(tl.float16)
+    s32 = scale.to(tl.float32)
+    if GROUP == 0:
+        acc = tl.zeros((BN,), dtype=tl.int32)
+        for p0 in tl.range(0, KP, HALF):
+            acc = _gemv_block(acc, w_ptrs, x_ptr, perm_ptr, row, p0, KQ, s32, HAS_PERM,
+                              QMIN, QMAX, HALF)
+        ws = tl.load(ws_ptr + rows_n * stride_wsn).to(tl.float32)
+        out = acc.to(tl.float32) * ws
+    else:
+        out = tl.zeros((BN,), dtype=tl.float32)
+        for g0 in range(0, KP, GROUP // 2):
+            part = tl.zeros((BN,), dtype=tl.int32)
+            for s in tl.static_range(GROUP // BLOCK_K):
+                part = _gemv_block(part, w_ptrs, x_ptr, perm_ptr, row, g0 + s * HALF, KQ, s32,
+                                   HAS_PERM, QMIN, QMAX, HALF)
+            ws = tl.load(ws_ptr + rows_n * stride_wsn + (2 * g0) // GROUP).to(tl.float32)
+            out += part.to(tl.float32) * ws
+    out = out * s32
+    if HAS_OUT:   # fp16 products are exact in fp32; the sum order differs from the tensor cores
+        for o0 in range(0, KO, 64):
+            ocols = o0 + tl.arange(0, 64)
+            omask = ocols < KO
+            if HAS_PERM:
+                src = tl.load(perm_ptr + KQ + ocols, mask=omask, other=0)
+            else:
+                src = KQ + ocols
+            xo = tl.load(x_ptr + row + src, mask=omask, other=0.0)
+            xo = cast_rne(xo, wo_ptr.dtype.element_ty).to(tl.float32)
+            wo = tl.load(wo_ptr + rows_n[:, None].to(tl.int64) * stride_won + ocols[None, :],
+                         mask=omask[None, :], other=0.0).to(tl.float32)
+            out += tl.sum(wo * xo[None, :], axis=1)
+    if HAS_BIAS:
+        out = out + tl.load(b_ptr + rows_n).to(tl.float32)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty),
+             mask=offs_n < N)
+
+
 def _outlier_step(k: int) -> int:
     """Outlier K-step, as `w4a4_gemm` takes it (same fp32 accumulation order): one step of
     next_pow2(k) >= 16 up to 128 channels, else steps of 64."""
@@ -176,6 +280,9 @@ def _launch(x, gather_idx, n_outliers, w_packed, w_scale, group_size, block_k, w
                 USE_ASM=_use_asm(x), BKO=_outlier_step(n_outliers),
                 QMIN=-(2 ** (bits - 1)), QMAX=2 ** (bits - 1) - 1, BM=_BM)
 
+    if m <= GEMV_MAX_M and config is None:
+        return _launch_gemv(args, meta, x, n, m, y)
+
     def grid(cfg):
         return (triton.cdiv(n, cfg["BN"]), triton.cdiv(m, _BM))
 
@@ -191,6 +298,28 @@ def _launch(x, gather_idx, n_outliers, w_packed, w_scale, group_size, block_k, w
     full = {**meta, **config.kwargs}
     _w4a4_decode_kernel.fn[grid(full)](*args, **full, num_warps=config.num_warps,
                                        num_stages=config.num_stages)
+    return y
+
+
+def _launch_gemv(args, meta, x, n, m, y):
+    (x_, perm, w, ws, wo, b, y_, m_, n_, kq, kp, ko, _bucket, sx, sw, sws, swo, sy) = args
+    gargs = (x_, perm, w, ws, wo, b, y_, m_, n_, kq, kp, ko, sx, sw, sws, swo, sy)
+    gmeta = {k: meta[k] for k in ("BLOCK_K", "GROUP", "HAS_OUT", "HAS_BIAS", "HAS_PERM",
+                                  "QMIN", "QMAX")}
+
+    def grid(cfg):
+        return (triton.cdiv(n, cfg["BN"]), m)
+
+    key = (n, kq, kp, gmeta["GROUP"], ko, x.dtype, y.dtype, gmeta["QMAX"])
+    config = tuned.lookup("w4a4_gemv", key, x.device)
+    if config is None:
+        _w4a4_gemv_kernel[grid](*gargs, **gmeta)
+        tuned.remember("w4a4_gemv", key, getattr(_w4a4_gemv_kernel, "best_config", None),
+                       x.device)
+        return y
+    full = {**gmeta, **config.kwargs}
+    _w4a4_gemv_kernel.fn[grid(full)](*gargs, **full, num_warps=config.num_warps,
+                                     num_stages=config.num_stages)
     return y
 
 
