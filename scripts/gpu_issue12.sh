@@ -35,6 +35,7 @@ for s in "${stages[@]}"; do
         --md "$OUT/gemm_decode_h100.md" 2>&1 | grep -E "^8b" ;;
     profile)
       PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} timeout "${PROFILE_TIMEOUT:-100}" python3 scripts/profile_decode.py --layers 2 --batch 1 \
+        --modes "${PROFILE_MODES:-bf16,w4a16-g128,w4a4-o1-salient,w4a4-o1-salient+kv4+attn}" \
         --json "$OUT/profile_decode_h100.json" 2>&1 | tail -n 90 ;;
     tune)
       timeout "${TUNE_TIMEOUT:-150}" python3 -m mixq tune --quiet --m "${TUNE_M:-1,2,4,8,16,32,64,128,512,2048}" 2>&1 | tail -n 5
