@@ -592,6 +592,8 @@ def load_quantized(directory: str | os.PathLike, *, model_factory=None,
                 m.register_buffer(buf, tensors[key])
         _upgrade_module(path, name, m, tensors)
         _check_module(name, m)
+        if isinstance(m, qnn.W4A4Linear):
+            m.prepare_gather_index()                  # the kernels' channel gather (not saved)
         try:
             old = model.get_submodule(name)
         except AttributeError:

@@ -121,3 +121,18 @@ def test_cuda_graph_replay_equals_eager(float_llama, name):
         graph.replay()
         torch.cuda.synchronize()
     assert torch.equal(out, want)
+
+
+def test_compiled_first_call_needs_no_recompile(float_llama, device):
+    """A quantized model compiled before any eager call traces once: nothing on the hot path
+    creates a buffer or attribute lazily (the W4A4 gather index exists from the build)."""
+    model = _quantized(float_llama, "w4a4-o1-salient", torch.float32, device)
+    ids = torch.tensor([[1, 7, 42, 300, 5]], device=device)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    with torch.no_grad():
+        compiled(ids)
+        compiled(ids)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

@@ -40,9 +40,10 @@ its kernel reads -- W4A16: `quant.pack_int4` (low nibble first); W4A4: `quant.pa
 in blocks of 128 columns (``weight_layout = "int4-blocked128"``, the W4A4 GEMM's operand as is).
 The int8 ``w_q`` is a derived read-only view. Caches derived from the buffers are non-persistent,
 dropped on ``.to()`` / ``load_state_dict`` and rebuilt on demand: ``w_q_cache`` (int8, the
-reference path; `release_unpacked` frees it) and, for W4A4, ``gather_idx`` (int32 ``perm``, the
-activation-quant kernel's channel gather). `module_memory_bytes` counts everything a module
-really holds, caches included.
+reference path; `release_unpacked` frees it). A W4A4 layer also holds ``gather_idx`` (int32
+``perm``, the activation-quant kernel's channel gather; non-persistent, built with the module
+and after every load, moved by ``.to()``, so a compiled forward never has to create it).
+`module_memory_bytes` counts everything a module really holds, caches included.
 """
 from __future__ import annotations
 
@@ -284,7 +285,7 @@ class W8A8Linear(QuantLinearBase):
 #: Buffers that are caches derived from the persistent ones (never saved, rebuilt on demand).
 #: Non-persistent caches; "w_kernel" is W8A8's padded int8 weight (and a W4A4 cache that older
 #: saves listed).
-DERIVED_BUFFERS = frozenset({"w_kernel", "w_q_cache", "gather_idx"})
+DERIVED_BUFFERS = frozenset({"w_kernel", "w_q_cache"})
 
 
 class _Int4WeightMixin:
@@ -478,7 +479,8 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
     (Kp = Kq padded to the scale block width, Kb = Kp rounded up to 128; ``w_q``, int8 (N, Kp),
     is a read-only view unpacked from it); ``w_scale`` fp16 compact (see W4A16Linear);
     ``w_out`` fp16 (N, k) = W[:, outlier_idx]; ``bias`` fp16 or None. Non-persistent caches:
-    ``gather_idx`` (int32 perm, kernel path), ``w_q_cache`` (reference path).
+    ``gather_idx`` (int32 perm, the kernel path's gather; `prepare_gather_index`),
+    ``w_q_cache`` (reference path).
 
     forward, x (M, K) -> fp32 (M, N):
         x_reg, x_out = split(x[:, perm]);  x_q, x_scale = quantize_per_token(x_reg, act_bits)
@@ -532,7 +534,20 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
         m._store_int4_weight(w_perm[:, :m.k_regular], weight_spec)
         m.register_buffer("w_out", w_perm[:, m.k_regular:].to(torch.float16).contiguous())
         m._register_bias(linear)
+        m.prepare_gather_index()
         return m
+
+    def prepare_gather_index(self) -> None:
+        """(Re)build ``gather_idx`` = int32 ``perm`` (non-persistent) from the current ``perm``;
+        None without outliers (the kernels then read x in order)."""
+        idx = self.perm.to(torch.int32).contiguous() if self.n_outliers else None
+        self.register_buffer("gather_idx", idx, persistent=False)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        out = super()._load_from_state_dict(*args, **kwargs)
+        if self._buffers.get("perm") is not None:
+            self.prepare_gather_index()               # perm may have changed
+        return out
 
     def _pack_codes(self, w_q: torch.Tensor) -> torch.Tensor:
         return quant.pack_int4_blocked(w_q, _W4A4_BLOCK_K)
@@ -542,10 +557,11 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
 
     def _gather_index(self, device: torch.device) -> torch.Tensor:
         """int32 (K,) ``perm``: act_quant reads the channels from their original positions."""
-        cached = self._buffers.get("gather_idx")
-        if cached is not None and (torch.compiler.is_compiling() or cached.device == device):
-            return cached
-        return self._cache("gather_idx", self.perm.to(device=device, dtype=torch.int32))
+        idx = self._buffers.get("gather_idx")
+        if idx is None or (idx.device != device and not torch.compiler.is_compiling()):
+            self.prepare_gather_index()               # a module built without it (old code)
+            idx = self.gather_idx.to(device)
+        return idx
 
     @property
     def int_path(self) -> bool:
