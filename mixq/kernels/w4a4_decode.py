@@ -170,18 +170,24 @@ def _nibbles(w):
 
 
 @triton.jit
-def _gemv_block(acc, w_ptrs, x_ptr, perm_ptr, row, p0, KQ, s32,
-                HAS_PERM: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-                HALF: tl.constexpr):
-    """acc (BN,) int32 += W_block @ codes_block for one token (CUDA cores, no shared memory)."""
-    w_lo, w_hi = _nibbles(tl.load(w_ptrs + p0))
-    cols = 2 * p0 + tl.arange(0, 2 * HALF)
+def _load_row(x_ptr, perm_ptr, row, k0, KQ, HAS_PERM: tl.constexpr, WIDTH: tl.constexpr):
+    """x[token, c_j] for j in k0..k0+WIDTH as fp32 (0 past Kq), c_j = perm[j] or j."""
+    cols = k0 + tl.arange(0, WIDTH)
     cmask = cols < KQ
     if HAS_PERM:
         src = tl.load(perm_ptr + cols, mask=cmask, other=0)
     else:
         src = cols
-    xk = tl.load(x_ptr + row + src, mask=cmask, other=0.0).to(tl.float32)
+    return tl.load(x_ptr + row + src, mask=cmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gemv_block(acc, w_ptrs, x_ptr, perm_ptr, row, p0, KQ, s32,
+                HAS_PERM: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                HALF: tl.constexpr):
+    """acc (BN,) int32 += W_block @ codes_block for one token (CUDA cores, no shared memory)."""
+    w_lo, w_hi = _nibbles(tl.load(w_ptrs + p0))
+    xk = _load_row(x_ptr, perm_ptr, row, 2 * p0, KQ, HAS_PERM, 2 * HALF)
     v = tl.minimum(tl.maximum(tl.math.div_rn(xk, s32), QMIN * 1.0), QMAX * 1.0)
     q = round_half_even(v).to(tl.int32)        # the codes of act_quant's _quantize_tile
     q_lo, q_hi = tl.split(tl.permute(tl.reshape(q, (2, HALF)), (1, 0)))
@@ -207,13 +213,7 @@ def _w4a4_gemv_kernel(x_ptr, perm_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr,
     w_ptrs = w_ptr + rows_n[:, None].to(tl.int64) * stride_wn + offs_p[None, :]
     absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, KQ, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        cmask = cols < KQ
-        if HAS_PERM:
-            src = tl.load(perm_ptr + cols, mask=cmask, other=0)
-        else:
-            src = cols
-        xk = tl.load(x_ptr + row + src, mask=cmask, other=0.0).to(tl.float32)
+        xk = _load_row(x_ptr, perm_ptr, row, k0, KQ, HAS_PERM, BLOCK_K)
         absmax = tl.maximum(absmax, tl.abs(xk))
     scale = tl.math.div_rn(tl.max(absmax, axis=0), QMAX * 1.0).to(tl.float16)
     scale = tl.where(scale == 0, 1.0, scale).to(tl.float16)
