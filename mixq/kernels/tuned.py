@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["CONFIG_DIR", "FORMAT", "gpu_slug", "config_path", "lookup", "remember", "export",
-           "key_string", "clear"]
+           "key_string", "clear", "launch", "run_config"]
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 FORMAT = "mixq-tuned-configs"
@@ -109,6 +109,26 @@ def remember(kernel: str, key: tuple, config, device: torch.device) -> None:
     if config is not None:
         _table(device).setdefault(kernel, {})[key_string(key)] = config
         _HITS[(kernel, key, device)] = config
+
+
+def run_config(fn, grid, args: tuple, meta: dict, config) -> None:
+    """Launch the jitted kernel `fn` with `config` (a triton.Config) on top of `meta`; `grid`
+    is the launcher's ``grid(meta) -> tuple``."""
+    full = {**meta, **config.kwargs}
+    fn[grid(full)](*args, **full, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def launch(kernel: str, key: tuple, tuner, fn, grid, args: tuple, meta: dict,
+           device: torch.device) -> None:
+    """The launchers' one dispatch: the config known for (`kernel`, `key`) on `device` runs
+    `fn` directly (`run_config`); an unseen key runs the autotuner `tuner` (wrapping `fn`)
+    once and keeps its winner (`remember`)."""
+    config = lookup(kernel, key, device)
+    if config is None:
+        tuner[grid](*args, **meta)
+        remember(kernel, key, getattr(tuner, "best_config", None), device)
+    else:
+        run_config(fn, grid, args, meta, config)
 
 
 def clear() -> None:

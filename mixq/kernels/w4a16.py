@@ -584,20 +584,12 @@ def _launch(x, w_packed, w_scale, w_zero, bias, group_size, out_dtype, config=No
             bias if bias is not None else w_scale, y, ws, cnt,
             m, n, k, w.shape[1], k // group_size, m_bucket(m),
             x.stride(0), w.stride(0))
-    if config is None:
-        # a shipped / remembered config launches directly (mixq.kernels.tuned: no autotuner
-        # lookup per call)
+    if config is None:     # a shipped / remembered config, else autotune once (mixq.kernels.tuned)
         key = (regime, m_bucket(m), n, k, group_size, epw, x.dtype, w_scale.dtype, out_dtype,
                w_zero is not None, bias is not None, bias.dtype if bias is not None else None)
-        config = tuned.lookup("w4a16", key, x.device)
-        if config is None:                   # first call: autotune, then remember the winner
-            tuner = _TUNED[regime]
-            tuner[grid](*args, **meta)
-            tuned.remember("w4a16", key, getattr(tuner, "best_config", None), x.device)
-            return y
-    full = {**meta, **config.kwargs}
-    _KERNELS[regime][grid(full)](*args, **full, num_warps=config.num_warps,
-                                 num_stages=config.num_stages)
+        tuned.launch("w4a16", key, _TUNED[regime], _KERNELS[regime], grid, args, meta, x.device)
+    else:
+        tuned.run_config(_KERNELS[regime], grid, args, meta, config)
     return y
 
 

@@ -367,18 +367,11 @@ def _launch(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out, 
                 HAS_BIAS=bias is not None, INT_OUT=int_out, K_TAIL=(k % block_k) != 0,
                 USE_ASM=_use_asm(x_q) if use_asm is None else use_asm, BKO=bko,
                 OUT_LOOP=out_loop)
-    if config is None:
-        # a shipped / remembered config launches directly (no autotuner lookup per call)
+    if config is None:     # a shipped / remembered config, else autotune once (mixq.kernels.tuned)
         key = (m_bucket(m), n, k, block_k, group_size or 0, has_out, int_out, out_dtype)
-        config = tuned.lookup("w4a4", key, x_q.device)
-        if config is None:                         # first call of this key: autotune, keep it
-            tuner = _pick_kernel(m)
-            tuner[grid](*args, **meta)
-            tuned.remember("w4a4", key, getattr(tuner, "best_config", None), x_q.device)
-            return y
-    full = {**meta, **config.kwargs}
-    _w4a4_kernel[grid(full)](*args, **full, num_warps=config.num_warps,
-                             num_stages=config.num_stages)
+        tuned.launch("w4a4", key, _pick_kernel(m), _w4a4_kernel, grid, args, meta, x_q.device)
+    else:
+        tuned.run_config(_w4a4_kernel, grid, args, meta, config)
     return y
 
 

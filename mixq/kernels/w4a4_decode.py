@@ -286,18 +286,13 @@ def _launch(x, gather_idx, n_outliers, w_packed, w_scale, group_size, block_k, w
     def grid(cfg):
         return (triton.cdiv(n, cfg["BN"]), triton.cdiv(m, _BM))
 
-    if config is None:
+    if config is None:     # a shipped / remembered config, else autotune once (mixq.kernels.tuned)
         key = (m_bucket(m), n, kq, w_packed.shape[1], group_size or 0, n_outliers, x.dtype,
                out_dtype, bits)
-        config = tuned.lookup("w4a4_decode", key, x.device)
-        if config is None:                   # first call of this key: autotune, keep it
-            _w4a4_decode_kernel[grid](*args, **meta)
-            tuned.remember("w4a4_decode", key,
-                           getattr(_w4a4_decode_kernel, "best_config", None), x.device)
-            return y
-    full = {**meta, **config.kwargs}
-    _w4a4_decode_kernel.fn[grid(full)](*args, **full, num_warps=config.num_warps,
-                                       num_stages=config.num_stages)
+        tuned.launch("w4a4_decode", key, _w4a4_decode_kernel, _w4a4_decode_kernel.fn, grid,
+                     args, meta, x.device)
+    else:
+        tuned.run_config(_w4a4_decode_kernel.fn, grid, args, meta, config)
     return y
 
 
@@ -311,15 +306,8 @@ def _launch_gemv(args, meta, x, n, m, y):
         return (triton.cdiv(n, cfg["BN"]), m)
 
     key = (n, kq, kp, gmeta["GROUP"], ko, x.dtype, y.dtype, gmeta["QMAX"])
-    config = tuned.lookup("w4a4_gemv", key, x.device)
-    if config is None:
-        _w4a4_gemv_kernel[grid](*gargs, **gmeta)
-        tuned.remember("w4a4_gemv", key, getattr(_w4a4_gemv_kernel, "best_config", None),
-                       x.device)
-        return y
-    full = {**gmeta, **config.kwargs}
-    _w4a4_gemv_kernel.fn[grid(full)](*gargs, **full, num_warps=config.num_warps,
-                                     num_stages=config.num_stages)
+    tuned.launch("w4a4_gemv", key, _w4a4_gemv_kernel, _w4a4_gemv_kernel.fn, grid, gargs, gmeta,
+                 x.device)
     return y
 
 
