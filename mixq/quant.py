@@ -424,16 +424,11 @@ def pack_int4_blocked(q: torch.Tensor, block: int) -> torch.Tensor:
     """
     check_tensor(q, "q", ndim=2, dtypes=INT_DTYPES)
     block = _check_block(block)
-    if value_checks() and q.numel():
-        lo, hi = int(q.min()), int(q.max())
-        if lo < -8 or hi > 7:
-            raise ValueError(f"q values must be int4 in [-8, 7], got range [{lo}, {hi}]")
     n, k = q.shape
     kb = blocked_columns(k, block)
-    nib = torch.zeros((n, kb), dtype=torch.int16, device=q.device)
-    nib[:, :k] = q.to(torch.int16) & 0xF
-    nib = nib.reshape(n, kb // block, 2, block // 2)
-    return (nib[:, :, 0, :] | (nib[:, :, 1, :] << 4)).reshape(n, kb // 2).to(torch.uint8).contiguous()
+    # pair column j of each block with column j + block/2, then pack pairs low nibble first
+    paired = torch.nn.functional.pad(q, (0, kb - k)).reshape(n, kb // block, 2, block // 2)
+    return pack_int4(paired.transpose(-1, -2).reshape(n, kb), signed=True)
 
 
 def unpack_int4_blocked(packed: torch.Tensor, n: int, block: int) -> torch.Tensor:
@@ -452,9 +447,8 @@ def unpack_int4_blocked(packed: torch.Tensor, n: int, block: int) -> torch.Tenso
         raise ValueError(f"packed of shape {tuple(packed.shape)} does not hold n={n} int4 "
                          f"values in blocks of {block}: expected (N, {kb // 2})")
     rows = packed.shape[0]
-    b = packed.reshape(rows, kb // block, 1, block // 2)
-    nib = torch.cat([b & 0xF, b >> 4], dim=2).reshape(rows, kb)[:, :n].view(torch.int8)
-    return (nib ^ 8) - 8
+    paired = unpack_int4(packed, kb, signed=True).reshape(rows, kb // block, block // 2, 2)
+    return paired.transpose(-1, -2).reshape(rows, kb)[:, :n].contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
