@@ -238,8 +238,9 @@ def _check_module(name: str, m: qnn.QuantLinearBase) -> None:
                 raise fail(f"has k_padded={kp}, but {k_q} int4 columns in blocks of {block} "
                            f"({spec.describe()}) give {math.ceil(k_q / block) * block}")
             if isinstance(m, qnn.W4A4Linear):
-                if m.weight_layout != qnn.WEIGHT_LAYOUT_W4A4:
-                    raise fail(f"has weight_layout={m.weight_layout!r}, needs "
+                layout = getattr(m, "weight_layout", None)
+                if layout != qnn.WEIGHT_LAYOUT_W4A4:
+                    raise fail(f"has weight_layout={layout!r}, needs "
                                f"{qnn.WEIGHT_LAYOUT_W4A4!r}")
                 tensor("w_packed", torch.uint8, (n, quant.blocked_columns(kp, qnn.W4A4_WEIGHT_BLOCK) // 2))
             else:

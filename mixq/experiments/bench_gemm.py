@@ -54,6 +54,7 @@ import argparse
 import functools
 import platform
 from collections.abc import Callable, Sequence
+from copy import deepcopy
 
 import torch
 
@@ -62,7 +63,7 @@ from mixq.experiments.common import (ENV_KEYS, Timing, add_common_flags, comma_l
                                      input_sets, int_list, markdown_table, write_outputs)
 
 __all__ = ["SHAPES", "DEFAULT_M", "QUICK_M", "GEMM_KERNELS", "MODULE_MODES", "MODES",
-           "EAGER_MODES", "eager_time_ms", "copy_module", "build_parser", "parse_args", "main",
+           "EAGER_MODES", "eager_time_ms", "build_parser", "parse_args", "main",
            "select_shapes", "outlier_count", "add_speedups", "format_table", "format_markdown",
            "make_row", "copy_bandwidth", "tinygemm_weight", "run_gemm"]
 
@@ -294,12 +295,6 @@ def tinygemm_weight(w: torch.Tensor, group: int = 128):
     return wp, sz.transpose(0, 1).contiguous()
 
 
-def copy_module(m: torch.nn.Module) -> torch.nn.Module:
-    """An independent copy of `m` (own weights: another input set for the L2 rotation)."""
-    import copy
-    return copy.deepcopy(m)
-
-
 class _ShapeBench:
     """All operands of one (N, K) shape for the largest M; modes slice x[:M]."""
 
@@ -439,7 +434,7 @@ class _ShapeBench:
         from mixq.kernels import w4a4
 
         x = self.x[:m].contiguous()
-        o = {kk: (copy_module(v) if isinstance(v, torch.nn.Module) else v.clone()) if copy else v
+        o = {kk: (deepcopy(v) if isinstance(v, torch.nn.Module) else v.clone()) if copy else v
              for kk, v in self.weights(mode).items()}
         if mode == "bf16":
             o["w"] = self.w.clone() if copy else self.w

@@ -557,11 +557,9 @@ class W4A4Linear(_Int4WeightMixin, QuantLinearBase):
 
     def _gather_index(self, device: torch.device) -> torch.Tensor:
         """int32 (K,) ``perm``: act_quant reads the channels from their original positions."""
-        idx = self._buffers.get("gather_idx")
-        if idx is None or (idx.device != device and not torch.compiler.is_compiling()):
-            self.prepare_gather_index()               # a module built without it (old code)
-            idx = self.gather_idx.to(device)
-        return idx
+        if self._buffers.get("gather_idx") is None:    # a module built without it (old code)
+            self.prepare_gather_index()
+        return self.gather_idx                        # on perm's device, i.e. the module's
 
     @property
     def int_path(self) -> bool:
