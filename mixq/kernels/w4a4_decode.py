@@ -197,13 +197,15 @@ def _gemv_block(acc, w_ptrs, x_ptr, perm_ptr, row, p0, KQ, s32,
 @autotune(_GEMV_CONFIGS, key=["N", "KQ", "KP", "GROUP", "KO"])
 @triton.jit
 def _w4a4_gemv_kernel(x_ptr, perm_ptr, w_ptr, ws_ptr, wo_ptr, b_ptr, y_ptr,
-                      M, N, KQ, KP, KO,
+                      M, N, KQ, KP, KO, M_BUCKET,
                       stride_xm, stride_wn, stride_wsn, stride_won, stride_ym,
                       BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_OUT: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr,
-                      QMIN: tl.constexpr, QMAX: tl.constexpr, BN: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, USE_ASM: tl.constexpr,
+                      BKO: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr):
     """One token x BN weight rows per program, on CUDA cores: the weight-bandwidth-bound
-    path for M <= `GEMV_MAX_M` (no tensor-core tile of 16 tokens to fill)."""
+    path for M <= `GEMV_MAX_M` (no tensor-core tile of 16 tokens to fill). Same arguments as
+    `_w4a4_decode_kernel` (M_BUCKET, USE_ASM, BKO and BM unused here)."""
     HALF: tl.constexpr = BLOCK_K // 2
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     m = tl.program_id(1)
@@ -280,34 +282,21 @@ def _launch(x, gather_idx, n_outliers, w_packed, w_scale, group_size, block_k, w
                 USE_ASM=_use_asm(x), BKO=_outlier_step(n_outliers),
                 QMIN=-(2 ** (bits - 1)), QMAX=2 ** (bits - 1) - 1, BM=_BM)
 
-    if m <= GEMV_MAX_M and config is None:
-        return _launch_gemv(args, meta, x, n, m, y)
+    key = (m_bucket(m), n, kq, w_packed.shape[1], group_size or 0, n_outliers, x.dtype,
+           out_dtype, bits)
+    if m <= GEMV_MAX_M and config is None:           # one token per program (CUDA cores)
+        tuned.launch("w4a4_gemv", key[1:], _w4a4_gemv_kernel, _w4a4_gemv_kernel.fn,
+                     lambda cfg: (triton.cdiv(n, cfg["BN"]), m), args, meta, x.device)
+        return y
 
     def grid(cfg):
         return (triton.cdiv(n, cfg["BN"]), triton.cdiv(m, _BM))
 
     if config is None:     # a shipped / remembered config, else autotune once (mixq.kernels.tuned)
-        key = (m_bucket(m), n, kq, w_packed.shape[1], group_size or 0, n_outliers, x.dtype,
-               out_dtype, bits)
         tuned.launch("w4a4_decode", key, _w4a4_decode_kernel, _w4a4_decode_kernel.fn, grid,
                      args, meta, x.device)
     else:
         tuned.run_config(_w4a4_decode_kernel.fn, grid, args, meta, config)
-    return y
-
-
-def _launch_gemv(args, meta, x, n, m, y):
-    (x_, perm, w, ws, wo, b, y_, m_, n_, kq, kp, ko, _bucket, sx, sw, sws, swo, sy) = args
-    gargs = (x_, perm, w, ws, wo, b, y_, m_, n_, kq, kp, ko, sx, sw, sws, swo, sy)
-    gmeta = {k: meta[k] for k in ("BLOCK_K", "GROUP", "HAS_OUT", "HAS_BIAS", "HAS_PERM",
-                                  "QMIN", "QMAX")}
-
-    def grid(cfg):
-        return (triton.cdiv(n, cfg["BN"]), m)
-
-    key = (n, kq, kp, gmeta["GROUP"], ko, x.dtype, y.dtype, gmeta["QMAX"])
-    tuned.launch("w4a4_gemv", key, _w4a4_gemv_kernel, _w4a4_gemv_kernel.fn, grid, gargs, gmeta,
-                 x.device)
     return y
 
 
