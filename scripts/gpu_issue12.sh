@@ -3,6 +3,7 @@
 # end-to-end benchmark. Stages in the order given (default: tests gemm profile); each capped.
 #   run(carry=["data", ".whl"], command="bash scripts/gpu_issue12.sh tests gemm profile")
 #   run(carry=["data"], command="bash scripts/gpu_issue12.sh tune e2e")
+#   stages: tests gemm decode profile cprofile (compiled decode: CUDA graphs) tune e2e
 # Writes under $OUT (default results/).
 set -u
 OUT=${OUT:-results}
@@ -37,6 +38,12 @@ for s in "${stages[@]}"; do
       PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} timeout "${PROFILE_TIMEOUT:-100}" python3 scripts/profile_decode.py --layers 2 --batch 1 \
         --modes "${PROFILE_MODES:-bf16,w4a16-g128,w4a4-o1-salient,w4a4-o1-salient+kv4+attn}" \
         --json "$OUT/profile_decode_h100.json" 2>&1 | tail -n 90 ;;
+    cprofile)
+      PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} TORCH_LOGS=recompiles,graph_breaks,perf_hints timeout "${CPROFILE_TIMEOUT:-150}" \
+        python3 scripts/profile_decode.py --compile --layers "${CPROFILE_LAYERS:-2}" --batch 1 \
+        --modes "${CPROFILE_MODES:-bf16,w4a16-g128,w4a4-o1-salient}" \
+        --json "$OUT/profile_decode_compiled_h100.json" 2>"$OUT/cprofile_stderr.log" | tail -n 60
+      grep -i -m 10 "cudagraph\|skipping\|Recompiling\|Graph break" "$OUT/cprofile_stderr.log" | cut -c1-300 ;;
     tune)
       timeout "${TUNE_TIMEOUT:-150}" python3 -m mixq tune --quiet --m "${TUNE_M:-1,2,4,8,16,32,64,128,512,2048}" 2>&1 | tail -n 5
       cp mixq/kernels/configs/*.json "$OUT/" 2>/dev/null ;;

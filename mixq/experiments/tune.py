@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 @torch.no_grad()
 def tune(models: Sequence[str], modes: Sequence[str], ms: Sequence[int],
-         progress: bool = True) -> int:
-    """Run every (model, mode, M) once on the GPU; returns the number of forwards."""
+         progress: bool = True, after_mode=None) -> int:
+    """Run every (model, mode, M) once on the GPU; returns the number of forwards.
+    `after_mode()` (optional) runs after each mode, e.g. to write what was tuned so far."""
     from tqdm.auto import tqdm
 
     from mixq.api import quantize
@@ -58,6 +59,8 @@ def tune(models: Sequence[str], modes: Sequence[str], ms: Sequence[int],
                 runs += 1
             del model
             torch.cuda.empty_cache()
+            if after_mode is not None:
+                after_mode()
     torch.cuda.synchronize()
     return runs
 
@@ -71,9 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("python -m mixq tune needs a CUDA GPU")
         return 2
     ms = int_list(args.m, "--m")
-    runs = tune(comma_list(args.models), comma_list(args.modes), ms, progress=not args.quiet)
     device = torch.device("cuda", torch.cuda.current_device())
     path = args.out or tuned.config_path(device)
+    # written after every mode: a run cut short (a time limit) keeps what it tuned
+    runs = tune(comma_list(args.models), comma_list(args.modes), ms, progress=not args.quiet,
+                after_mode=lambda: tuned.export(path, device))
     data = tuned.export(path, device)
     counts = {k: len(v) for k, v in data["kernels"].items()}
     print(f"{runs} forwards; wrote {path}: {counts} configs for {data['device_name']}")
