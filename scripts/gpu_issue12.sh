@@ -24,7 +24,7 @@ for s in "${stages[@]}"; do
       par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 8)
       MIXQ_NO_AUTOTUNE=1 timeout "${TESTS_TIMEOUT:-140}" python3 -m pytest -q -p no:cacheprovider "${par[@]}" \
         ${TEST_FILES:-tests/test_compile.py tests/test_nn.py tests/test_io.py tests/test_kernels_act_quant.py \
-        tests/test_kernels_w4a4.py tests/test_kernels_w4a4_decode.py tests/test_kernels_tuned.py \
+        tests/test_kernels_w4a4.py tests/test_kernels_w4a4_gemv.py tests/test_kernels_w4a4_decode.py tests/test_kernels_tuned.py \
         tests/test_norm.py tests/test_kv_cache.py tests/test_attention.py} \
         2>&1 | tee "$OUT/tests_cuda_issue12.log" | grep -E "passed|failed|error|FAILED|Error" | tail -n 30 ;;
     gemm)
@@ -32,7 +32,7 @@ for s in "${stages[@]}"; do
         --modes module --json "$OUT/gemm_module_h100.json" --md "$OUT/gemm_module_h100.md" 2>&1 | tail -n 80 ;;
     decode)
       timeout "${DECODE_TIMEOUT:-60}" python3 -m mixq bench gemm --quick --shapes 8b --m 1,4 \
-        --modes bf16,mixq_w4a16,mixq_w4a4+quant,mixq_w4a4_decode --json "$OUT/gemm_decode_h100.json" \
+        --modes bf16,tinygemm_w4a16,mixq_w4a16,mixq_w4a4+quant,mixq_w4a4_decode,mixq_w4a4_module --json "$OUT/gemm_decode_h100.json" \
         --md "$OUT/gemm_decode_h100.md" 2>&1 | grep -E "^8b" ;;
     profile)
       PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} timeout "${PROFILE_TIMEOUT:-100}" python3 scripts/profile_decode.py --layers 2 --batch 1 \

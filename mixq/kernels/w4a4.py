@@ -65,9 +65,11 @@ striding over the tiles in a flattened loop, so the next tile's loads overlap th
 Environment knobs: ``MIXQ_NO_AUTOTUNE=1`` (first config only, for fast CUDA test runs) and
 ``MIXQ_W4A4_PERSISTENT=0`` (drop persistent configs).
 
-Small M (decode, M <= ~16 tokens) is bound by reading weights, not by math:
-`mixq.kernels.w4a4_decode` runs the same main loop on the same weights with the activation
-quantization fused in (one launch instead of two); `mixq.nn.W4A4Linear` dispatches by M.
+Small M (decode) is bound by reading weights, not by math: `w4a4_gemm` sends M <=
+`mixq.kernels.w4a4_gemv.GEMV_MAX_M` tokens to the CUDA-core kernel of
+`mixq.kernels.w4a4_gemv` (few weight rows per program, wide loads, same operands and weights,
+the same result before the outlier term); `mixq.kernels.w4a4_decode` fuses the activation
+quantization into this kernel's main loop (off by default in `mixq.nn.W4A4Linear`).
 
 Public API
 ----------
@@ -86,7 +88,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixq.kernels import tuned
+from mixq.kernels import tuned, w4a4_gemv
 from mixq.kernels._triton import (autotune, autotune_configs, check_kernel_device,
                                   check_same_device, fallback_to_reference, interpret_mode,
                                   m_bucket, op_name, round_up)
@@ -382,6 +384,9 @@ def _launch(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out, 
 
 def _w4a4_gemm_impl(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out, bias,
                     out_dtype):
+    if 0 < x_q.shape[0] <= w4a4_gemv.GEMV_MAX_M:     # decode: the weight-bandwidth-bound kernel
+        return w4a4_gemv.w4a4_gemv(x_q, x_scale, w_packed, w_scale, group_size, block_k,
+                                   x_out, w_out, bias, out_dtype)
     return _launch(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out, bias,
                    out_dtype, int_out=False)
 

@@ -1,0 +1,80 @@
+"""The decode GEMV (M <= GEMV_MAX_M) equals the tensor-core W4A4 GEMM and the reference: bit
+for bit without outliers (per channel and per group), to fp32 rounding with them; awkward
+shapes, K tails, bias, every tuned geometry; `w4a4_gemm` dispatches small M to it."""
+import pytest
+import torch
+
+from mixq.kernels import w4a4_gemv as gemv_module
+from mixq.kernels.w4a4 import _launch, _reference_gemm, w4a4_gemm
+from mixq.kernels.w4a4_gemv import GEMV_MAX_M, _configs_for, _cfg, w4a4_gemv
+from mixq.quant import blocked_columns, pack_int4_blocked
+
+
+def _operands(m, n, k, group, n_out, bias, device, block_k=128):
+    """x_q (M, Kx), x_scale (M,), w (N, Kpad/2), w_scale, x_out, w_out, bias."""
+    kpad = blocked_columns(k, block_k)
+    kx = kpad if group else k                        # groups need K a multiple of the group
+    w_q = torch.randint(-8, 8, (n, kpad), dtype=torch.int8, device=device)
+    w_q[:, k:] = 0                                   # padding columns are zero
+    w = pack_int4_blocked(w_q, block_k)
+    x_q = torch.randint(-8, 8, (m, kx), dtype=torch.int8, device=device)
+    xs = (torch.rand(m, device=device) * 0.1 + 0.01).half()
+    ws = (torch.rand(n, kx // group if group else 1, device=device) * 0.02 + 0.001).half()
+    xo = (torch.randn(m, n_out, device=device) * 4).half() if n_out else None
+    wo = (torch.randn(n, n_out, device=device) * 0.05).half() if n_out else None
+    b = (torch.randn(n, device=device) * 0.1).half() if bias else None
+    return x_q, xs, w, ws, xo, wo, b
+
+
+@pytest.mark.parametrize("m,n,k,group,n_out,bias", [
+    (1, 37, 300, 0, 0, False),        # K tail inside a block, N not a multiple of BN
+    (4, 9, 1000, 0, 0, True),
+    (3, 70, 256, 128, 0, True),       # groups
+    (2, 33, 512, 256, 0, False),
+    (1, 16, 128, 0, 70, False),       # outliers, two 64-wide steps
+    (4, 65, 640, 128, 17, True),
+])
+def test_equals_tensor_core_kernel_and_reference(m, n, k, group, n_out, bias, device, seed):
+    x_q, xs, w, ws, xo, wo, b = _operands(m, n, k, group, n_out, bias, device)
+    got = w4a4_gemv(x_q, xs, w, ws, group, 128, xo, wo, b, torch.float32)
+    tc = _launch(x_q, xs, w, ws, group, 128, xo, wo, b, torch.float32, int_out=False)
+    ref = _reference_gemm(x_q, xs, w, ws, group or None, 128, xo, wo, b).to(device)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    if n_out == 0:                   # integer sums and the same float steps: exact
+        assert torch.equal(got, tc)
+        assert torch.equal(got, ref)
+    else:                            # the outlier products add in another order
+        torch.testing.assert_close(got, tc, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_k,group", [(64, 0), (128, 128), (256, 256), (128, 512)])
+def test_every_tuned_geometry(block_k, group, device, seed):
+    m, n, k = 2, 24, 1024
+    x_q, xs, w, ws, xo, wo, b = _operands(m, n, k, group, 0, True, device, block_k)
+    want = _reference_gemm(x_q, xs, w, ws, group or None, block_k, None, None, b).to(device)
+    configs = _configs_for(block_k // 2, group)
+    assert configs and all(c.kwargs["BKB"] % (block_k // 2) == 0 for c in configs)
+    assert all(group == 0 or (group // 2) % c.kwargs["BKB"] == 0 for c in configs)
+    for c in {(c.kwargs["BN"], c.kwargs["BKB"]): c for c in configs}.values():
+        got = w4a4_gemv(x_q, xs, w, ws, group, block_k, None, None, b, torch.float32, config=c)
+        assert torch.equal(got, want), c
+
+
+def test_gemm_dispatches_small_m(device, seed, monkeypatch):
+    x_q, xs, w, ws, xo, wo, b = _operands(GEMV_MAX_M, 40, 384, 0, 5, False, device)
+    calls = []
+    real = gemv_module.w4a4_gemv
+    monkeypatch.setattr(gemv_module, "w4a4_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    y = w4a4_gemm(x_q, xs, w, ws, x_out=xo, w_out=wo, out_dtype=torch.bfloat16)
+    assert calls == [1] and y.shape == (GEMV_MAX_M, 40) and y.dtype == torch.bfloat16
+    x5 = torch.cat([x_q, x_q[:1]])
+    w4a4_gemm(x5, torch.cat([xs, xs[:1]]), w, ws, x_out=torch.cat([xo, xo[:1]]), w_out=wo)
+    assert calls == [1]               # M > GEMV_MAX_M: the tensor-core kernel
+
+
+def test_more_tokens_than_the_kernel_takes_is_an_error(device):
+    x_q, xs, w, ws, *_ = _operands(GEMV_MAX_M + 1, 8, 128, 0, 0, False, device)
+    with pytest.raises(ValueError, match="GEMV_MAX_M"):
+        w4a4_gemv(x_q, xs, w, ws, 0, 128, None, None, None, torch.float32,
+                  config=_cfg(8, 64, 4, 3))
