@@ -59,13 +59,13 @@ def test_w4a4_launch_uses_the_table_config(device, seed, monkeypatch):
     from mixq.kernels.act_quant import act_quant
     from mixq.quant import pack_int4_blocked
 
-    n, k, m = 70, 256, 3
+    n, k, m = 70, 256, 5                   # M > w4a4_gemv.GEMV_MAX_M: the tensor-core kernel
     w_q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=device)
     w = pack_int4_blocked(w_q, 128)
     ws = torch.rand(n, 1, device=device, dtype=torch.float16) + 0.5
     x_q, xs, _ = act_quant(torch.randn(m, k, device=device), out_format="int8")
     want = w4a4_kernels.w4a4_gemm(x_q, xs, w, ws)              # autotuned (or first config)
-    key = (1 if m <= 1 else 4, n, k, 128, 0, False, False, torch.bfloat16)
+    key = (8, n, k, 128, 0, False, False, torch.bfloat16)        # m_bucket(5) = 8
     assert tuned.lookup("w4a4", key, x_q.device) is not None    # remembered
     seen = []
     chosen = triton.Config({"BM": 16, "BN": 64, "PERSISTENT": False}, num_warps=4, num_stages=2)
