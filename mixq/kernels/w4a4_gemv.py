@@ -41,6 +41,8 @@ caller, `mixq.kernels.w4a4.w4a4_gemm`), `GEMV_MAX_M`.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -50,10 +52,10 @@ from mixq.kernels._triton import autotune
 
 __all__ = ["GEMV_MAX_M", "w4a4_gemv"]
 
-GEMV_MAX_M = 4
-"""`mixq.kernels.w4a4.w4a4_gemm` runs this kernel for M <= GEMV_MAX_M tokens (each program
-reuses its weight tile for every token, so the CUDA-core work grows with M; set 0 to always
-run the tensor-core kernel)."""
+GEMV_MAX_M = int(os.environ.get("MIXQ_W4A4_GEMV_MAX_M", "4"))
+"""`mixq.kernels.w4a4.w4a4_gemm` runs this kernel for 1 <= M <= GEMV_MAX_M tokens (each program
+reuses its weight tile for every token, so the CUDA-core work grows with M; 0, or env
+``MIXQ_W4A4_GEMV_MAX_M=0`` at import, always runs the tensor-core kernel)."""
 
 
 def _cfg(bn: int, bkb: int, warps: int, stages: int) -> triton.Config:
