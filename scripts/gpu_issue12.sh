@@ -3,7 +3,7 @@
 # end-to-end benchmark. Stages in the order given (default: tests gemm profile); each capped.
 #   run(carry=["data", ".whl"], command="bash scripts/gpu_issue12.sh tests gemm profile")
 #   run(carry=["data"], command="bash scripts/gpu_issue12.sh tune e2e")
-#   stages: tests gemm decode profile cprofile (compiled decode: CUDA graphs) tune e2e
+#   stages: tests gemm decode decodeoff profile cprofile (compiled decode: CUDA graphs) tune e2e
 # Writes under $OUT (default results/).
 set -u
 OUT=${OUT:-results}
@@ -30,10 +30,12 @@ for s in "${stages[@]}"; do
     gemm)
       timeout "${GEMM_TIMEOUT:-170}" python3 -m mixq bench gemm --shapes 8b,1b.qkv,1b.down --m 1,16,2048 \
         --modes module --json "$OUT/gemm_module_h100.json" --md "$OUT/gemm_module_h100.md" 2>&1 | tail -n 80 ;;
-    decode)
-      timeout "${DECODE_TIMEOUT:-60}" python3 -m mixq bench gemm --quick --shapes 8b --m 1,4 \
-        --modes bf16,tinygemm_w4a16,mixq_w4a16,mixq_w4a4+quant,mixq_w4a4_decode,mixq_w4a4_module --json "$OUT/gemm_decode_h100.json" \
-        --md "$OUT/gemm_decode_h100.md" 2>&1 | grep -E "^8b" ;;
+    decode|decodeoff)   # decodeoff: the same with the GEMV off (the tensor-core kernel at every M)
+      gm=${DECODE_GEMV_MAX_M:-16}; tag=""
+      [ "$s" = decodeoff ] && gm=0 && tag=_gemv_off
+      MIXQ_W4A4_GEMV_MAX_M=$gm timeout "${DECODE_TIMEOUT:-90}" python3 -m mixq bench gemm --quick --shapes 8b \
+        --m "${DECODE_M:-1,4,8,16}" --modes "${DECODE_MODES:-bf16,tinygemm_w4a16,mixq_w4a16,mixq_w4a4+quant,mixq_w4a4_g128+quant,mixq_w4a4_module}" \
+        --json "$OUT/gemm_decode$tag"_h100.json --md "$OUT/gemm_decode$tag"_h100.md 2>&1 | grep -E "^8b|rror" ;;
     profile)
       PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} timeout "${PROFILE_TIMEOUT:-100}" python3 scripts/profile_decode.py --layers 2 --batch 1 \
         --modes "${PROFILE_MODES:-bf16,w4a16-g128,w4a4-o1-salient,w4a4-o1-salient+kv4+attn}" \

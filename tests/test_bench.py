@@ -6,6 +6,7 @@ import random
 import pytest
 
 from mixq.experiments import bench_gemm as bench
+from mixq.nn import linear as qnn_linear
 from mixq.experiments.common import write_results
 
 
@@ -105,10 +106,10 @@ def test_outlier_count(k, expected):
     assert expected % 16 == 0
 
 
-def test_module_modes_expand_and_get_eager_overheads(seed):
+def test_module_modes_expand_and_get_eager_overheads(seed, monkeypatch):
     """``--modes module`` = the nn modules and the kernels they launch; a module row's
     eager_overhead_us is its eager time minus its kernels' eager time (at M=1 W4A4Linear runs
-    the fused decode kernel; above 16 tokens act-quant + GEMM)."""
+    act-quant + GEMM at every M; the fused decode kernel only when switched on)."""
     a = bench.parse_args(["--modes", "module"])
     assert a.mode_list == ["bf16", "mixq_w4a16", "mixq_w4a4+quant", "mixq_w4a4_decode",
                            "bf16_module", "mixq_w4a16_module", "mixq_w4a4_module"]
@@ -116,7 +117,7 @@ def test_module_modes_expand_and_get_eager_overheads(seed):
     rng = random.Random(seed)
     meta, t = _meta(), rng.uniform(0.01, 0.05)
     rows = [bench.make_row(meta, "8b.o", 4096, 4096, 1, mode, t, 0.0, eager_ms=e)
-            for mode, e in [("bf16", 0.020), ("mixq_w4a4_decode", 0.015),
+            for mode, e in [("bf16", 0.020), ("mixq_w4a4+quant", 0.015),
                             ("bf16_module", 0.030), ("mixq_w4a4_module", 0.024)]]
     by = {r["mode"]: r for r in bench.add_speedups(rows)}
     assert by["mixq_w4a4_module"]["eager_overhead_us"] == pytest.approx(9.0)
@@ -124,3 +125,6 @@ def test_module_modes_expand_and_get_eager_overheads(seed):
     assert by["bf16_module"]["eager_overhead_us"] == pytest.approx(10.0)
     assert "+9.0 us over its kernels" in bench.format_markdown(rows, meta)
     assert bench.module_kernels("mixq_w4a4_module", 2048) == "mixq_w4a4+quant"
+    assert bench.module_kernels("mixq_w4a4_module", 1) == "mixq_w4a4+quant"
+    monkeypatch.setattr(qnn_linear, "W4A4_DECODE_MAX_M", 16)   # the fused decode kernel on
+    assert bench.module_kernels("mixq_w4a4_module", 1) == "mixq_w4a4_decode"

@@ -42,6 +42,8 @@ def _same(got, want, bias):
     (2, 33, 512, 256, 0, False),
     (1, 16, 128, 0, 70, False),       # outliers, two 64-wide steps
     (4, 65, 640, 128, 17, True),
+    (2, 21, 301, 0, 0, False),        # K not a multiple of 4: words straddle the end of x
+    (3, 19, 640, 128, 0, False),      # 5 groups: the last 4-group step is part padding
 ])
 def test_equals_tensor_core_kernel_and_reference(m, n, k, group, n_out, bias, device, seed):
     x_q, xs, w, ws, xo, wo, b = _operands(m, n, k, group, n_out, bias, device)
@@ -57,14 +59,16 @@ def test_equals_tensor_core_kernel_and_reference(m, n, k, group, n_out, bias, de
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("block_k,group", [(64, 0), (128, 128), (256, 256), (128, 512)])
+@pytest.mark.parametrize("block_k,group", [(64, 0), (128, 128), (256, 256), (128, 512),
+                                           (64, 192)])
 def test_every_tuned_geometry(block_k, group, device, seed):
-    m, n, k = 2, 24, 1024
+    m, n, k = 2, 24, 1152 if group == 192 else 1024
     x_q, xs, w, ws, xo, wo, b = _operands(m, n, k, group, 0, True, device, block_k)
     want = _reference_gemm(x_q, xs, w, ws, group or None, block_k, None, None, b).to(device)
     configs = _configs_for(block_k // 2, group)
-    assert configs and all(c.kwargs["BKB"] % (block_k // 2) == 0 for c in configs)
-    assert all(group == 0 or (group // 2) % c.kwargs["BKB"] == 0 for c in configs)
+    g2 = group // 2                  # a step holds whole groups or tiles one
+    assert configs and all(group == 0 or c.kwargs["BKB"] % g2 == 0 or g2 % c.kwargs["BKB"] == 0
+                           for c in configs)
     for c in {(c.kwargs["BN"], c.kwargs["BKB"]): c for c in configs}.values():
         got = w4a4_gemv(x_q, xs, w, ws, group, block_k, None, None, b, torch.float32, config=c)
         _same(got, want, b)
@@ -87,3 +91,18 @@ def test_more_tokens_than_the_kernel_takes_is_an_error(device):
     with pytest.raises(ValueError, match="GEMV_MAX_M"):
         w4a4_gemv(x_q, xs, w, ws, 0, 128, None, None, None, torch.float32,
                   config=_cfg(8, 64, 4, 3))
+
+
+def test_a_weight_view_not_word_aligned_runs_the_tensor_core_kernel(device, seed, monkeypatch):
+    x_q, xs, w, ws, *_ = _operands(1, 12, 256, 0, 0, False, device)
+    flat = torch.zeros(w.numel() + 1, dtype=torch.uint8, device=device)
+    view = flat[1:].view_as(w)                 # contiguous, but at byte offset 1: not int32 words
+    view.copy_(w)
+    assert not gemv_module.takes_weight(view) and gemv_module.takes_weight(w)
+    with pytest.raises(ValueError, match="int32 words"):
+        w4a4_gemv(x_q, xs, view, ws, 0, 128, None, None, None, torch.float32)
+    calls = []
+    real = gemv_module.w4a4_gemv
+    monkeypatch.setattr(gemv_module, "w4a4_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.equal(w4a4_gemm(x_q, xs, view, ws), w4a4_gemm(x_q, xs, w, ws))
+    assert calls == [1]                        # only the aligned weight took the GEMV

@@ -79,20 +79,21 @@ DEFAULT_M = (1, 16, 128, 512, 2048)
 QUICK_M = (16, 2048)
 #: The GEMMs timed (bench rows' "mode"): the peers, then mixq's kernels.
 GEMM_KERNELS = ("bf16", "fp8_scaled_mm", "int8_int_mm", "tinygemm_w4a16", "mixq_w4a16",
-                "mixq_w4a4", "mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_quant",
-                "mixq_w4a4_decode")
+                "mixq_w4a4", "mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_w4a4_g128+quant",
+                "mixq_quant", "mixq_w4a4_decode")
 #: nn modules timed beside the kernels they launch (module -> kernels-alone mode).
 MODULE_MODES = {"bf16_module": "bf16", "mixq_w4a16_module": "mixq_w4a16",
                 "mixq_w4a4_module": "mixq_w4a4+quant"}
 #: Every mode, and the modes that also get an eager-loop time.
 MODES = GEMM_KERNELS + tuple(MODULE_MODES)
 EAGER_MODES = frozenset(MODULE_MODES) | frozenset(MODULE_MODES.values()) | {"mixq_w4a4_decode"}
-DECODE_MAX_M = 16        # W4A4Linear's dispatch (mixq.nn.linear.W4A4_DECODE_MAX_M)
 
 
 def module_kernels(mode: str, m: int) -> str | None:
     """The kernels-alone mode a module mode runs at M tokens (None: not a module mode)."""
-    if mode == "mixq_w4a4_module" and m <= DECODE_MAX_M:
+    from mixq.nn.linear import W4A4_DECODE_MAX_M     # W4A4Linear's dispatch (0: off)
+
+    if mode == "mixq_w4a4_module" and m <= W4A4_DECODE_MAX_M:
         return "mixq_w4a4_decode"
     return MODULE_MODES.get(mode)
 OUTLIER_FRACTION = 0.01
@@ -335,8 +336,13 @@ class _ShapeBench:
         if mode == "mixq_w4a4":
             q, s = _quant_weight_rows(w, None)
             return dict(w=w4a4.prepare_w4a4_weight(q), s=s)
-        if mode in ("mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_w4a4_decode"):
-            q, s = _quant_weight_rows(w[:, :self.kq].contiguous(), None)
+        if mode in ("mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_w4a4_decode",
+                    "mixq_w4a4_g128+quant"):
+            group, wq = None, w[:, :self.kq].contiguous()
+            if mode == "mixq_w4a4_g128+quant":          # zero columns up to Kpad: g | Kpad
+                group = 128
+                wq = torch.nn.functional.pad(wq, (0, w4a4.padded_in_features(self.kq) - self.kq))
+            q, s = _quant_weight_rows(wq, group)
             return dict(w=w4a4.prepare_w4a4_weight(q), s=s,
                         w_out=w[:, self.kq:].to(torch.float16).contiguous())
         if mode in MODULE_MODES:
@@ -399,15 +405,18 @@ class _ShapeBench:
                 return lambda: w4a4.w4a4_gemm(o["xq"], o["xs"], o["w"], o["s"],
                                               x_out=o["xo"], w_out=o["w_out"])
             return make, m * kqp + 2 * m + wb["w"].numel() + 2 * n + 2 * (m + n) * ko + out_b
-        if mode == "mixq_w4a4+quant":
+        if mode in ("mixq_w4a4+quant", "mixq_w4a4_g128+quant"):
+            group = 128 if mode == "mixq_w4a4_g128+quant" else None
+
             def make(o):
                 def run():
                     xq, xs, xo = aq.act_quant(o["x"], n_outliers=ko, out_format="int8",
                                               pad_to=w4a4.W4A4_BLOCK_K)
-                    return w4a4.w4a4_gemm(xq, xs, o["w"], o["s"], x_out=xo, w_out=o["w_out"])
+                    return w4a4.w4a4_gemm(xq, xs, o["w"], o["s"], group_size=group, x_out=xo,
+                                          w_out=o["w_out"])
                 return run
             return make, (2 * m * k) + 2 * (m * kqp + 2 * m + 2 * m * ko) \
-                + wb["w"].numel() + 2 * n + 2 * n * ko + out_b
+                + wb["w"].numel() + 2 * wb["s"].numel() + 2 * n * ko + out_b
         if mode == "mixq_quant":
             def make(o):
                 return lambda: aq.act_quant(o["x"], n_outliers=ko, out_format="int8",
@@ -520,8 +529,8 @@ def _measure(sb: "_ShapeBench", meta: dict, name: str, m: int, mode: str, ref):
     err = _rel_err(y, ref) if (y is not None and ref is not None) else None
     extra["gbs"] = extra["bytes"] / (t * 1e-3) / 1e9
     extra["tops"] = 2 * m * n * k / (t * 1e-3) / 1e12 if mode != "mixq_quant" else None
-    if mode in ("mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_quant", "mixq_w4a4_module",
-                "mixq_w4a4_decode"):
+    if mode in ("mixq_w4a4_outliers", "mixq_w4a4+quant", "mixq_w4a4_g128+quant", "mixq_quant",
+                "mixq_w4a4_module", "mixq_w4a4_decode"):
         extra["k_out"] = sb.k_out
     if mode == "mixq_quant":
         extra["frac_of_copy_bw"] = extra["gbs"] / meta["copy_bandwidth_gbs"]

@@ -384,7 +384,7 @@ def _launch(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out, 
 
 def _w4a4_gemm_impl(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out, bias,
                     out_dtype):
-    if 0 < x_q.shape[0] <= w4a4_gemv.GEMV_MAX_M:     # decode: the weight-bandwidth-bound kernel
+    if 0 < x_q.shape[0] <= w4a4_gemv.GEMV_MAX_M and w4a4_gemv.takes_weight(w_packed):   # decode
         return w4a4_gemv.w4a4_gemv(x_q, x_scale, w_packed, w_scale, group_size, block_k,
                                    x_out, w_out, bias, out_dtype)
     return _launch(x_q, x_scale, w_packed, w_scale, group_size, block_k, x_out, w_out, bias,

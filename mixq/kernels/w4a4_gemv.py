@@ -1,4 +1,4 @@
-"""Triton kernel: W4A4 for one to four tokens (decode) on CUDA cores, bound by the weight read.
+"""Triton kernel: W4A4 for a few tokens (decode) on CUDA cores, bound by the weight read.
 
 Motivation
 ----------
@@ -12,9 +12,17 @@ memory bandwidth (measured 18 us for that layer on the H100, act-quant included)
 
 Here each program owns only a few weight rows (`BN`, 4-32) and walks the whole K, reading
 `BKB` contiguous bytes per row per step (wide coalesced loads), so there are N / BN programs
-(512 for N = 4096 with BN = 8) and the HBM stream stays full. The int4 nibbles are unpacked in
-registers and multiplied by the int8 activation codes on the CUDA cores (int32 multiply-adds);
-the elementwise products accumulate in a (BM, BN, BKB) int32 register tile that is reduced
+(512 for N = 4096 with BN = 8) and the HBM stream stays full.
+
+The second limit is the arithmetic. Unpacking each nibble into its own int32 and multiplying
+costs about 14 integer operations per weight byte: about 8 us of ALU time for that 4096 x 4096
+layer, three times its memory time (the first version of this kernel measured so). So the
+kernel reads the weight as int32 words (8 nibbles) and multiplies 4 codes at once with PTX
+``dp4a`` (a dot product of four byte pairs, accumulated in int32): two bit operations make
+the four low (or high) nibbles of a word offset-binary bytes ``u = w_q + 8`` in [0, 15], one
+``dp4a.u32.s32`` multiplies them with four activation codes, and ``8 * sum(x)`` is subtracted
+once per scale group. That is about 1.5 operations per weight byte, and the products stay
+exact. The int32 partial sums accumulate in a (BM, BN, BW) register tile that is reduced
 once per scale group (once at the end for per-channel scales), not once per step.
 
 Inputs are those of `mixq.kernels.w4a4.w4a4_gemm`, which sends M <= `GEMV_MAX_M` here: the
@@ -48,11 +56,11 @@ import triton
 import triton.language as tl
 
 from mixq.kernels import tuned
-from mixq.kernels._triton import autotune
+from mixq.kernels._triton import autotune, interpret_mode
 
-__all__ = ["GEMV_MAX_M", "w4a4_gemv"]
+__all__ = ["GEMV_MAX_M", "takes_weight", "w4a4_gemv"]
 
-GEMV_MAX_M = int(os.environ.get("MIXQ_W4A4_GEMV_MAX_M", "4"))
+GEMV_MAX_M = int(os.environ.get("MIXQ_W4A4_GEMV_MAX_M", "8"))
 """`mixq.kernels.w4a4.w4a4_gemm` runs this kernel for 1 <= M <= GEMV_MAX_M tokens (each program
 reuses its weight tile for every token, so the CUDA-core work grows with M; 0, or env
 ``MIXQ_W4A4_GEMV_MAX_M=0`` at import, always runs the tensor-core kernel)."""
@@ -64,24 +72,31 @@ def _cfg(bn: int, bkb: int, warps: int, stages: int) -> triton.Config:
 
 # (weight rows per program, packed bytes per row per step): BN * BKB bytes in flight per step.
 # The first entry is what the interpreter (and MIXQ_NO_AUTOTUNE=1) runs.
-_CONFIGS = [_cfg(8, 256, 4, 3), _cfg(4, 256, 4, 3), _cfg(8, 128, 4, 4), _cfg(16, 128, 4, 3),
-            _cfg(16, 256, 8, 3), _cfg(4, 512, 4, 3), _cfg(32, 64, 4, 4), _cfg(16, 64, 4, 4),
-            _cfg(8, 64, 2, 4)]
+_CONFIGS = [_cfg(8, 256, 4, 3), _cfg(16, 256, 4, 3), _cfg(8, 512, 4, 3), _cfg(16, 512, 8, 3),
+            _cfg(4, 512, 4, 4), _cfg(32, 256, 8, 3), _cfg(4, 256, 2, 4), _cfg(16, 128, 4, 4),
+            _cfg(8, 128, 2, 4), _cfg(32, 128, 4, 3)]
+
+
+def _bytes_per_step(bkb: int, group: int) -> int:
+    """The step `bkb` (a power of two >= 16) adjusted to `group` (0: per channel): a step holds
+    whole groups or a power-of-two part of one (so steps tile groups and groups tile steps)."""
+    if not group:
+        return bkb
+    g2 = group // 2                           # packed bytes per group
+    if bkb >= g2 and g2 & (g2 - 1) == 0:      # whole groups (power of two) per step
+        return bkb
+    while bkb > 4 and g2 % bkb:
+        bkb //= 2
+    return bkb
 
 
 def _configs_for(half: int, group: int) -> list:
-    """The configs valid for a shuffle half-block of `half` bytes and `group` (0: per channel):
-    BKB a multiple of `half` that divides the group's bytes; a listed config whose BKB does
-    not fit takes the largest that does (duplicates dropped)."""
+    """The configs valid for `group` (0: per channel), duplicates dropped. (`half`, the shuffle
+    half-block in bytes, no longer constrains the step: each 4-byte word lies in one half.)"""
     out, seen = [], set()
     for c in _CONFIGS:
-        bkb = c.kwargs["BKB"]
-        if group:
-            bkb = min(bkb, group // 2)
-            while (group // 2) % bkb:
-                bkb //= 2
-        bkb = max(bkb - bkb % half, half)
-        key = (c.kwargs["BN"], bkb, c.num_warps, c.num_stages)
+        key = (c.kwargs["BN"], _bytes_per_step(c.kwargs["BKB"], group), c.num_warps,
+               c.num_stages)
         if key not in seen:
             seen.add(key)
             out.append(_cfg(*key))
@@ -89,64 +104,101 @@ def _configs_for(half: int, group: int) -> list:
 
 
 @triton.jit
-def _nibble_products(w, xl, xh):
-    """(BM, BN, BKB) int32 products: signed low/high nibbles of the uint8 bytes `w` (BN, BKB)
-    times the int8 codes `xl` / `xh` (BM, BKB) of the columns they hold."""
-    b = w.to(tl.int32)
-    lo = ((b & 0xF) ^ 8) - 8
-    hi = (((b >> 4) & 0xF) ^ 8) - 8
-    return lo[None, :, :] * xl.to(tl.int32)[:, None, :] + hi[None, :, :] * xh.to(tl.int32)[:, None, :]
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """c + sum_i a.byte[i] * b.byte[i] per int32 element: `a`'s four bytes unsigned, `b`'s
+    signed (PTX ``dp4a.u32.s32``, one instruction; spelled out under the interpreter)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        for i in tl.static_range(4):
+            c += ((a >> (8 * i)) & 0xFF) * ((((b >> (8 * i)) & 0xFF) ^ 0x80) - 0x80)
+        return c
 
 
 @triton.jit
-def _step(acc, w_ptrs, x_rows, mmask, p0, K, KP, col_lo, offs_b,
-          HALF: tl.constexpr, MASK_W: tl.constexpr):
-    """acc (BM, BN, BKB) += products of the BKB packed columns from p0 (x masked past K)."""
-    if MASK_W:
-        w = tl.load(w_ptrs + p0, mask=(p0 + offs_b)[None, :] < KP, other=0)
-    else:
-        w = tl.load(w_ptrs + p0)
-    k_lo = 2 * p0 + col_lo
-    xl = tl.load(x_rows + k_lo[None, :], mask=mmask[:, None] & (k_lo < K)[None, :], other=0)
-    xh = tl.load(x_rows + (k_lo + HALF)[None, :],
-                 mask=mmask[:, None] & (k_lo + HALF < K)[None, :], other=0)
-    return acc + _nibble_products(w, xl, xh)
+def _x_words(x_rows, mmask, col, K):
+    """The activation codes at columns col..col+3 of each word (`col` (BW,)) as (BM, BW) int32
+    little-endian words (byte i = column col + i, zero past K), and (BM, BW) their sums."""
+    offs4 = tl.arange(0, 4)
+    cols = col[:, None] + offs4[None, :]                                    # (BW, 4)
+    xb = tl.load(x_rows[:, :, None] + cols[None, :, :],
+                 mask=mmask[:, None, None] & (cols < K)[None, :, :], other=0).to(tl.int32)
+    return tl.sum((xb & 0xFF) << (8 * offs4)[None, None, :], axis=2), tl.sum(xb, axis=2)
+
+
+@triton.jit
+def _step(acc, xsum, w_ptrs, x_rows, mmask, w0, K, KPW, offs_w,
+          BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """acc (BM, BN, BW) += the dp4a products of the BW weight words from word w0 (8 nibbles
+    each) with their activation codes; xsum (BM, BW) += the codes' sums.
+
+    Byte j of a shuffle block holds column j (low nibble) and j + BLOCK_K/2 (high nibble), so
+    the low nibbles of a word's 4 bytes are 4 consecutive columns, and so are the high ones.
+    Nibbles become offset-binary bytes ``u = w_q + 8`` in [0, 15] with two bit operations; the
+    caller subtracts ``8 * sum(x)`` once per group (``sum (u - 8) x = sum u x - 8 sum x``)."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    w = tl.load(w_ptrs + w0, mask=(w0 + offs_w)[None, :] < KPW, other=0)   # (BN, BW) int32
+    u_lo = (w & 0x0F0F0F0F) ^ 0x08080808
+    u_hi = ((w >> 4) & 0x0F0F0F0F) ^ 0x08080808
+    byte = 4 * (w0 + offs_w)                                 # packed byte of each word's byte 0
+    col = (byte // HALF) * BLOCK_K + byte % HALF             # column of its low nibble
+    x_lo, s_lo = _x_words(x_rows, mmask, col, K)
+    x_hi, s_hi = _x_words(x_rows, mmask, col + HALF, K)
+    acc = _dp4a(u_lo[None, :, :], x_lo[:, None, :], acc, USE_ASM)
+    acc = _dp4a(u_hi[None, :, :], x_hi[:, None, :], acc, USE_ASM)
+    return acc, xsum + s_lo + s_hi
 
 
 @triton.jit
 def _w4a4_gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, xo_ptr, wo_ptr, b_ptr, y_ptr,
-                      M, N, K, KP, KO, M_BUCKET,
+                      M, N, K, KPW, KO, M_BUCKET,
                       stride_xm, stride_wn, stride_wsn, stride_xom, stride_won, stride_ym,
                       BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_OUT: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BKO: tl.constexpr, BM: tl.constexpr,
-                      BN: tl.constexpr, BKB: tl.constexpr):
-    """One program: BN weight rows x all M (<= BM) tokens, the whole K."""
-    HALF: tl.constexpr = BLOCK_K // 2
-    MASK_W: tl.constexpr = GROUP == 0          # group steps tile KP exactly (BKB | GROUP/2)
+                      USE_ASM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr):
+    """One program: BN weight rows x all M (<= BM) tokens, the whole K. `w_ptr` is the packed
+    weight read as int32 words (KPW = Kpad / 8 per row, row stride `stride_wn` words)."""
+    BW: tl.constexpr = BKB // 4                                 # weight words per row per step
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     rows_n = tl.minimum(offs_n, N - 1)          # clamp instead of masking: tails never stored
     offs_m = tl.arange(0, BM)
     mmask = offs_m < M
-    offs_b = tl.arange(0, BKB)
-    col_lo = (offs_b // HALF) * BLOCK_K + offs_b % HALF     # column of each byte's low nibble
-    w_ptrs = w_ptr + rows_n[:, None].to(tl.int64) * stride_wn + offs_b[None, :]
+    offs_w = tl.arange(0, BW)
+    w_ptrs = w_ptr + rows_n[:, None].to(tl.int64) * stride_wn + offs_w[None, :]
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
 
     if GROUP == 0:
-        acc = tl.zeros((BM, BN, BKB), dtype=tl.int32)
-        for p0 in range(0, KP, BKB):
-            acc = _step(acc, w_ptrs, x_rows, mmask, p0, K, KP, col_lo, offs_b, HALF, MASK_W)
+        acc = tl.zeros((BM, BN, BW), dtype=tl.int32)
+        xsum = tl.zeros((BM, BW), dtype=tl.int32)
+        for w0 in range(0, KPW, BW):
+            acc, xsum = _step(acc, xsum, w_ptrs, x_rows, mmask, w0, K, KPW, offs_w, BLOCK_K,
+                              USE_ASM)
+        dot = tl.sum(acc, axis=2) - 8 * tl.sum(xsum, axis=1)[:, None]      # exact int32
         ws = tl.load(ws_ptr + rows_n * stride_wsn).to(tl.float32)
-        out = tl.sum(acc, axis=2).to(tl.float32) * ws[None, :]
+        out = dot.to(tl.float32) * ws[None, :]
     else:
+        GW: tl.constexpr = GROUP // 8                           # words per group
+        NG: tl.constexpr = BW // GW if BW >= GW else 1          # groups per step ...
+        SPG: tl.constexpr = GW // BW if GW > BW else 1          # ... or steps per group
+        CW: tl.constexpr = NG * GW                              # words per chunk of groups
+        n_groups = KPW // GW
+        offs_g = tl.arange(0, NG)
         out = tl.zeros((BM, BN), dtype=tl.float32)
-        for g0 in range(0, KP, GROUP // 2):
-            part = tl.zeros((BM, BN, BKB), dtype=tl.int32)
-            for s in tl.static_range(GROUP // 2 // BKB):
-                part = _step(part, w_ptrs, x_rows, mmask, g0 + s * BKB, K, KP, col_lo, offs_b,
-                             HALF, MASK_W)
-            ws = tl.load(ws_ptr + rows_n * stride_wsn + (2 * g0) // GROUP).to(tl.float32)
-            out += tl.sum(part, axis=2).to(tl.float32) * ws[None, :]
+        for c0 in range(0, KPW, CW):
+            part = tl.zeros((BM, BN, BW), dtype=tl.int32)
+            xsum = tl.zeros((BM, BW), dtype=tl.int32)
+            for s in tl.static_range(SPG):
+                part, xsum = _step(part, xsum, w_ptrs, x_rows, mmask, c0 + s * BW, K, KPW,
+                                   offs_w, BLOCK_K, USE_ASM)
+            dots = tl.sum(tl.reshape(part, (BM, BN, NG, BW // NG)), axis=3)           # (BM, BN, NG)
+            xg = tl.sum(tl.reshape(xsum, (BM, NG, BW // NG)), axis=2)                  # (BM, NG)
+            g = c0 // GW + offs_g
+            ws = tl.load(ws_ptr + rows_n[:, None] * stride_wsn + g[None, :],
+                         mask=(g < n_groups)[None, :], other=0.0).to(tl.float32)       # (BN, NG)
+            terms = (dots - 8 * xg[:, None, :]).to(tl.float32) * ws[None, :, :]
+            for j in tl.static_range(NG):            # groups in ascending order, as the reference
+                out += tl.sum(tl.where((offs_g == j)[None, None, :], terms, 0.0), axis=2)
 
     xs = tl.load(xs_ptr + offs_m, mask=mmask, other=0.0).to(tl.float32)
     out = out * xs[:, None]
@@ -176,6 +228,16 @@ def _tuner(half: int, group: int):
         t = _TUNERS[(half, group)] = autotune(_configs_for(half, group), key=_KEY)(
             _w4a4_gemv_kernel)
     return t
+
+
+def takes_weight(w_packed: torch.Tensor) -> bool:
+    """Whether `w_packed` can be read as int32 words in place (unit column stride; row stride,
+    width and storage offset multiples of 4 bytes). `prepare_w4a4_weight` output always can;
+    `mixq.kernels.w4a4.w4a4_gemm` sends any other view to the tensor-core kernel."""
+    return (w_packed.dim() == 2 and w_packed.dtype == torch.uint8
+            and (w_packed.stride(1) == 1 or w_packed.shape[1] <= 1)
+            and w_packed.shape[1] % 4 == 0 and w_packed.stride(0) % 4 == 0
+            and w_packed.storage_offset() % 4 == 0)
 
 
 def _pow2_at_least(m: int) -> int:
@@ -213,14 +275,21 @@ def w4a4_gemv(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
         return y
     has_out = x_out is not None and x_out.shape[1] > 0
     ko = x_out.shape[1] if has_out else 0
+    if not takes_weight(w_packed):
+        raise ValueError("w4a4_gemv reads the packed weight as int32 words: it needs a uint8 "
+                         "(N, Kpad/2) tensor with unit column stride, and row stride, width "
+                         f"and offset multiples of 4 bytes, got shape {tuple(w_packed.shape)} "
+                         f"strides {w_packed.stride()} offset {w_packed.storage_offset()}")
+    words = w_packed.view(torch.int32)          # (N, Kpad / 8): 8 nibbles per word, no copy
     dummy = w_packed                            # never read when the matching flag is off
-    args = (x_q, x_scale, w_packed, w_scale, x_out if has_out else dummy,
+    args = (x_q, x_scale, words, w_scale, x_out if has_out else dummy,
             w_out if has_out else dummy, bias if bias is not None else dummy, y,
-            m, n, k, w_packed.shape[1], ko, _pow2_at_least(m),
-            x_q.stride(0), w_packed.stride(0), w_scale.stride(0),
+            m, n, k, words.shape[1], ko, _pow2_at_least(m),
+            x_q.stride(0), words.stride(0), w_scale.stride(0),
             x_out.stride(0) if has_out else 0, w_out.stride(0) if has_out else 0, y.stride(0))
     meta = dict(BLOCK_K=block_k, GROUP=group_size, HAS_OUT=has_out, HAS_BIAS=bias is not None,
-                BKO=min(64, _pow2_at_least(max(ko, 16))), BM=_pow2_at_least(m))
+                BKO=min(64, _pow2_at_least(max(ko, 16))), BM=_pow2_at_least(m),
+                USE_ASM=not interpret_mode())
 
     def grid(cfg):
         return (triton.cdiv(n, cfg["BN"]),)
@@ -228,7 +297,7 @@ def w4a4_gemv(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
     if config is None:     # a shipped / remembered config, else autotune once (mixq.kernels.tuned)
         key = (_pow2_at_least(m), n, k, block_k, group_size, ko, x_q.dtype, x_scale.dtype,
                w_scale.dtype, out_dtype, bias is not None)
-        tuned.launch("w4a4_gemv_q", key, _tuner(block_k // 2, group_size), _w4a4_gemv_kernel,
+        tuned.launch("w4a4_gemv_dp4a", key, _tuner(block_k // 2, group_size), _w4a4_gemv_kernel,
                      grid, args, meta, x_q.device)
     else:
         tuned.run_config(_w4a4_gemv_kernel, grid, args, meta, config)
