@@ -135,6 +135,16 @@ def _make_context(**fields):
     return LayerContext(**{k: v for k, v in fields.items() if k in names})
 
 
+def _stacked(linears: list[nn.Linear]) -> nn.Linear:
+    """A bias-free CPU linear whose weight stacks the rows of `linears` (one input, K shared):
+    salient-weight outliers of a group (q/k/v, gate/up) rank the channel over all its readers,
+    so the group shares one outlier set (one activation quantization, `fuse_norm_quant`)."""
+    w = torch.cat([lin.weight.detach().float().cpu() for lin in linears])
+    out = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    out.weight = nn.Parameter(w, requires_grad=False)
+    return out
+
+
 class _LayerQuantizer:
     """The ``on_layer`` callback of `quantize`: methods, outliers, module swap for one layer.
 
@@ -160,12 +170,20 @@ class _LayerQuantizer:
                     out[name] = (qname, lin)
         return out
 
-    def _auto_outliers(self, targets, stats, outlier_idx: dict, auto: dict, qweights) -> None:
-        for name, (_q, lin) in targets.items():
-            if name in outlier_idx and outlier_idx[name] is not auto.get(name):
-                continue                    # set by a method
-            if name in qweights:
-                continue                    # a weight quantizer already used it
+    def _auto_outliers(self, targets, stats, outlier_idx: dict, auto: dict, qweights,
+                       groups: list[LinearGroup]) -> None:
+        free = {name for name in targets
+                if not (name in outlier_idx and outlier_idx[name] is not auto.get(name))  # a method's
+                and name not in qweights}          # or a weight quantizer already used it
+        for g in groups:                           # linears that read one input share its outliers
+            names = [n for n in g.names if n in free]
+            if len(names) > 1 and self.config.outlier_strategy != "calib_max":
+                idx = choose_outliers(_stacked([targets[n][1] for n in names]), self.config, None)
+                for n in names:
+                    auto[n] = outlier_idx[n] = idx
+                free -= set(names)
+        for name in free:
+            _q, lin = targets[name]
             auto[name] = outlier_idx[name] = choose_outliers(lin, self.config, stats.get(name))
 
     def __call__(self, i: int, layer: nn.Module, groups: list[LinearGroup], stats: dict) -> None:
@@ -179,14 +197,14 @@ class _LayerQuantizer:
                    if weight_spec_for(q, cfg) is not cfg.w}
         a_bits = {n: 8 for n, s in w_specs.items() if s.bits == 8}
         input_transforms: dict[str, torch.Tensor] = {}
-        self._auto_outliers(targets, stats, outlier_idx, auto, qweights)
+        self._auto_outliers(targets, stats, outlier_idx, auto, qweights, groups)
         if cfg.methods:
             ctx = _make_context(layer=layer, groups=groups, stats=stats, config=cfg, index=i,
                                 qweights=qweights, outlier_idx=outlier_idx, w_specs=w_specs,
                                 a_bits=a_bits, input_transforms=input_transforms)
             for method in cfg.methods:
                 method.apply(ctx)
-                self._auto_outliers(targets, stats, outlier_idx, auto, qweights)
+                self._auto_outliers(targets, stats, outlier_idx, auto, qweights, groups)
             qweights = ctx.qweights
             w_specs = getattr(ctx, "w_specs", w_specs)
             a_bits = getattr(ctx, "a_bits", a_bits)

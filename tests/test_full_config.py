@@ -155,11 +155,28 @@ def test_make_cache_none_and_errors(llama, float_llama):
         apply_full_architecture(llama, {"attention": None})
 
 
-def test_fuse_norm_warns_when_nothing_fuses(llama):
-    # salient-weight outliers differ per linear: no norm can feed one shared payload
+def test_salient_weight_outliers_are_shared_by_a_group_so_its_norm_fuses(llama):
+    # q/k/v (gate/up) read one input: the channels are ranked over the group's stacked weight
+    from mixq.outliers import salient_weight_channels
+    attn = llama.model.layers[0].self_attn
+    stacked = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).float()
+    want = salient_weight_channels(stacked.detach().cpu(), 0.05, "max")
     cfg = QuantConfig(outlier_frac=0.05, outlier_strategy="max", fuse_norm=True)
-    with pytest.warns(UserWarning, match="no norm could be fused"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # every norm fuses: no warning
         quantize(llama, cfg, progress=False)
+    attn = llama.model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(getattr(attn, name).outlier_idx.cpu(), want)
+    assert all(v.startswith("fused") for v in llama.mixq_fused_norms.values())
+
+
+def test_fuse_norm_warns_when_nothing_fuses(llama):
+    # rotation folds each norm into its readers (an online x @ Q): no norm output to quantize
+    from mixq.methods import Rotation
+    cfg = QuantConfig(outlier_frac=0.05, methods=(Rotation(),), fuse_norm=True)
+    with pytest.warns(UserWarning, match="no norm could be fused"):
+        quantize(llama, cfg, _calib(), progress=False)
     assert all(v.startswith("skipped") for v in llama.mixq_fused_norms.values())
 
 
