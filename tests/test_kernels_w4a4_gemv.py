@@ -1,4 +1,4 @@
-"""The decode GEMV (M <= GEMV_MAX_M) equals the tensor-core W4A4 GEMM and the reference: bit
+"""The decode GEMV (M <= MAX_M) equals the tensor-core W4A4 GEMM and the reference: bit
 for bit without outliers (per channel and per group), to fp32 rounding with them; awkward
 shapes, K tails, bias, every tuned geometry; `w4a4_gemm` dispatches small M to it."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from mixq.kernels import w4a4_gemv as gemv_module
 from mixq.kernels.w4a4 import _launch, _reference_gemm, w4a4_gemm
-from mixq.kernels.w4a4_gemv import GEMV_MAX_M, _configs_for, _cfg, w4a4_gemv
+from mixq.kernels.w4a4_gemv import MAX_M, _configs_for, _cfg, w4a4_gemv
 from mixq.quant import blocked_columns, pack_int4_blocked
 
 
@@ -44,6 +44,8 @@ def _same(got, want, bias):
     (4, 65, 640, 128, 17, True),
     (2, 21, 301, 0, 0, False),        # K not a multiple of 4: words straddle the end of x
     (3, 19, 640, 128, 0, False),      # 5 groups: the last 4-group step is part padding
+    (16, 23, 384, 128, 0, False),     # MAX_M tokens
+    (8, 17, 256, 0, 5, True),
 ])
 def test_equals_tensor_core_kernel_and_reference(m, n, k, group, n_out, bias, device, seed):
     x_q, xs, w, ws, xo, wo, b = _operands(m, n, k, group, n_out, bias, device)
@@ -75,20 +77,24 @@ def test_every_tuned_geometry(block_k, group, device, seed):
 
 
 def test_gemm_dispatches_small_m(device, seed, monkeypatch):
-    x_q, xs, w, ws, xo, wo, b = _operands(GEMV_MAX_M, 40, 384, 0, 5, False, device)
+    monkeypatch.setattr(gemv_module, "GEMV_MAX_M", 8)         # opt-in (default 0: off)
+    x_q, xs, w, ws, xo, wo, b = _operands(8, 40, 384, 0, 5, False, device)
     calls = []
     real = gemv_module.w4a4_gemv
     monkeypatch.setattr(gemv_module, "w4a4_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
     y = w4a4_gemm(x_q, xs, w, ws, x_out=xo, w_out=wo, out_dtype=torch.bfloat16)
-    assert calls == [1] and y.shape == (GEMV_MAX_M, 40) and y.dtype == torch.bfloat16
+    assert calls == [1] and y.shape == (8, 40) and y.dtype == torch.bfloat16
     x5 = torch.cat([x_q, x_q[:1]])
     w4a4_gemm(x5, torch.cat([xs, xs[:1]]), w, ws, x_out=torch.cat([xo, xo[:1]]), w_out=wo)
     assert calls == [1]               # M > GEMV_MAX_M: the tensor-core kernel
+    monkeypatch.setattr(gemv_module, "GEMV_MAX_M", 0)         # the default: off
+    w4a4_gemm(x_q[:1], xs[:1], w, ws, x_out=xo[:1], w_out=wo)
+    assert calls == [1]
 
 
 def test_more_tokens_than_the_kernel_takes_is_an_error(device):
-    x_q, xs, w, ws, *_ = _operands(GEMV_MAX_M + 1, 8, 128, 0, 0, False, device)
-    with pytest.raises(ValueError, match="GEMV_MAX_M"):
+    x_q, xs, w, ws, *_ = _operands(MAX_M + 1, 8, 128, 0, 0, False, device)
+    with pytest.raises(ValueError, match="MAX_M"):
         w4a4_gemv(x_q, xs, w, ws, 0, 128, None, None, None, torch.float32,
                   config=_cfg(8, 64, 4, 3))
 
@@ -98,6 +104,7 @@ def test_a_weight_view_not_word_aligned_runs_the_tensor_core_kernel(device, seed
     flat = torch.zeros(w.numel() + 1, dtype=torch.uint8, device=device)
     view = flat[1:].view_as(w)                 # contiguous, but at byte offset 1: not int32 words
     view.copy_(w)
+    monkeypatch.setattr(gemv_module, "GEMV_MAX_M", 8)
     assert not gemv_module.takes_weight(view) and gemv_module.takes_weight(w)
     with pytest.raises(ValueError, match="int32 words"):
         w4a4_gemv(x_q, xs, view, ws, 0, 128, None, None, None, torch.float32)

@@ -2,7 +2,7 @@
 
 Motivation
 ----------
-At decode a W4A4 linear multiplies one token (M = 1, up to `GEMV_MAX_M`) by an (N, K) int4
+At decode a W4A4 linear multiplies one token (M = 1, up to `MAX_M`) by an (N, K) int4
 weight. The work is N * K multiply-adds -- nothing for the GPU -- but the N * K / 2 weight bytes
 must stream from HBM: 8 MiB for a 4096 x 4096 layer, about 2.5 us at the H100's 3.35 TB/s.
 The tensor-core GEMM of `mixq.kernels.w4a4` is the wrong shape for this: its smallest token
@@ -25,7 +25,7 @@ once per scale group. That is about 1.5 operations per weight byte, and the prod
 exact. The int32 partial sums accumulate in a (BM, BN, BW) register tile that is reduced
 once per scale group (once at the end for per-channel scales), not once per step.
 
-Inputs are those of `mixq.kernels.w4a4.w4a4_gemm`, which sends M <= `GEMV_MAX_M` here: the
+Inputs are those of `mixq.kernels.w4a4.w4a4_gemm`, which sends M <= `GEMV_MAX_M` here (opt-in): the
 activation codes of `mixq.kernels.act_quant` (or of a fused `mixq.nn.QuantNorm`) and the same
 pre-shuffled weight (`mixq.quant.pack_int4_blocked`: in each block of ``block_k`` columns,
 byte j holds column j in its low nibble and column j + block_k/2 in its high nibble), so no
@@ -45,7 +45,7 @@ sums are exact in any order, and the float steps are the same operations in the 
 the outlier sum adds the same exact fp16 products in another order (equal to fp32 rounding).
 
 Public API: `w4a4_gemv(x_q, x_scale, w_packed, w_scale, ...)` (operands validated by the
-caller, `mixq.kernels.w4a4.w4a4_gemm`), `GEMV_MAX_M`.
+caller, `mixq.kernels.w4a4.w4a4_gemm`), `GEMV_MAX_M` (dispatch), `MAX_M` (capacity).
 """
 from __future__ import annotations
 
@@ -58,12 +58,19 @@ import triton.language as tl
 from mixq.kernels import tuned
 from mixq.kernels._triton import autotune, interpret_mode
 
-__all__ = ["GEMV_MAX_M", "takes_weight", "w4a4_gemv"]
+__all__ = ["GEMV_MAX_M", "MAX_M", "takes_weight", "w4a4_gemv"]
 
-GEMV_MAX_M = int(os.environ.get("MIXQ_W4A4_GEMV_MAX_M", "8"))
-"""`mixq.kernels.w4a4.w4a4_gemm` runs this kernel for 1 <= M <= GEMV_MAX_M tokens (each program
-reuses its weight tile for every token, so the CUDA-core work grows with M; 0, or env
-``MIXQ_W4A4_GEMV_MAX_M=0`` at import, always runs the tensor-core kernel)."""
+MAX_M = 16
+"""The most tokens one call takes (the (BM, BN, BW) register tile grows with M)."""
+
+GEMV_MAX_M = min(MAX_M, int(os.environ.get("MIXQ_W4A4_GEMV_MAX_M", "0")))
+"""`mixq.kernels.w4a4.w4a4_gemm` runs this kernel for 1 <= M <= GEMV_MAX_M tokens (env
+``MIXQ_W4A4_GEMV_MAX_M`` at import, at most `MAX_M`). Default 0: the tensor-core kernel at
+every M. The first version of this kernel (one int32 multiply per nibble) was slower than the
+tensor-core kernel on the H100 for large N (gate_up 28672 x 4096 at M=1: 0.047 ms against
+0.036 ms); this dp4a version has passed the interpreter tests but has not yet been timed or
+run on a GPU, so it stays opt-in until it has (``scripts/gpu_issue12.sh decode decodeoff``
+times both at M = 1, 4, 8, 16)."""
 
 
 def _cfg(bn: int, bkb: int, warps: int, stages: int) -> triton.Config:
@@ -249,7 +256,7 @@ def w4a4_gemv(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
               x_out: torch.Tensor | None, w_out: torch.Tensor | None,
               bias: torch.Tensor | None, out_dtype: torch.dtype,
               config: triton.Config | None = None) -> torch.Tensor:
-    """``y = (x_q @ w_q^T) * scales + x_out @ w_out^T + bias`` for M <= `GEMV_MAX_M` tokens.
+    """``y = (x_q @ w_q^T) * scales + x_out @ w_out^T + bias`` for M <= `MAX_M` tokens.
 
     Operands exactly as `mixq.kernels.w4a4.w4a4_gemm` takes them after its checks (that
     function validates and dispatches here; this one checks nothing):
@@ -268,8 +275,8 @@ def w4a4_gemv(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
     """
     m, k = x_q.shape
     n = w_packed.shape[0]
-    if m > GEMV_MAX_M:
-        raise ValueError(f"w4a4_gemv takes at most GEMV_MAX_M={GEMV_MAX_M} tokens, got M={m}")
+    if m > MAX_M:
+        raise ValueError(f"w4a4_gemv takes at most MAX_M={MAX_M} tokens, got M={m}")
     y = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
         return y
