@@ -197,3 +197,23 @@ def test_enable_bad_inputs(llama):
         enable_quantized_attention(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="config"):
         enable_quantized_attention(llama, {"q_bits": 8})
+
+
+@pytest.mark.parametrize("q_len,kv_len,q_offset,pad", [(5, 5, 0, 0), (1, 9, 8, 0), (4, 12, 8, 3),
+                                                       (3, 3, 0, 1)])
+def test_additive_mask_equals_hf_eager_mask(q_len, kv_len, q_offset, pad):
+    """The capture-safe mask of the "mixq" attention has HF's eager_mask values and shape
+    (causal, decode with a cache offset, left padding)."""
+    from transformers.masking_utils import eager_mask
+
+    from mixq.hf.attention import additive_mask
+    am = torch.ones(2, kv_len, dtype=torch.bool)
+    am[1, :pad] = False
+    args = dict(batch_size=2, q_length=q_len, kv_length=kv_len, q_offset=q_offset,
+                attention_mask=am, dtype=torch.float32)
+    want = eager_mask(**args)
+    got = additive_mask(**args)
+    assert got.shape == want.shape == (2, 1, q_len, kv_len) and torch.equal(got, want)
+    half = additive_mask(2, q_len, kv_len, q_offset, dtype=torch.bfloat16)  # positional too
+    assert half.dtype == torch.bfloat16 and torch.equal(half, eager_mask(2, q_len, kv_len, q_offset,
+                                                                         dtype=torch.bfloat16))

@@ -1,7 +1,8 @@
 """Hugging Face glue of the quantized attention: registration, dispatch, the cache hooks.
 
 `enable_quantized_attention(model, config)` registers the attention function
-`mixq_attention_forward` under the name ``"mixq"`` (with HF's eager additive masks) and switches
+`mixq_attention_forward` under the name ``"mixq"`` (with HF's eager additive masks, built by
+`additive_mask` without a host-to-device copy) and switches
 the model to it with ``model.set_attn_implementation("mixq")``; the config (a
 `mixq.config.AttentionQuantConfig`) lives on every attention module as
 ``module.mixq_attention_config``. The math is `mixq.reference.attention` (read its module
@@ -95,12 +96,36 @@ def mixq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     return out, None
 
 
+def additive_mask(*args, **kwargs) -> torch.Tensor | None:
+    """HF's ``eager_mask`` (same arguments and values: 0 where a key is seen, the dtype's min
+    where it is masked; (B, 1, Lq, Lkv)), built without a host-to-device copy, so a forward
+    can be captured in a CUDA graph: transformers' version writes ``torch.where(mask,
+    torch.tensor(0.0, device=...), min)``, a CPU -> GPU copy on every call; here the boolean
+    mask of ``sdpa_mask`` fills a zero tensor in place (``masked_fill_`` takes the min as a
+    kernel argument)."""
+    import inspect
+
+    from transformers.masking_utils import eager_mask, sdpa_mask
+
+    bound = inspect.signature(eager_mask).bind(*args, **kwargs)
+    bound.apply_defaults()
+    named = dict(bound.arguments)
+    extra = named.pop("kwargs", {})
+    dtype = named.pop("dtype")
+    extra.pop("allow_is_causal_skip", None)
+    mask = sdpa_mask(**named, allow_is_causal_skip=False, **extra)
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, torch.finfo(dtype).min)
+
+
 def _register() -> None:
     import transformers
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     transformers.AttentionInterface.register(ATTN_IMPLEMENTATION, mixq_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)   # additive float masks
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, additive_mask)   # additive float masks
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
