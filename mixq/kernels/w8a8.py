@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from mixq.kernels._triton import check_same_device, round_up
+from mixq.kernels._triton import check_same_device, op_name, round_up
 from mixq.validation import check_tensor
 
 __all__ = ["int8_mm", "pad_weight_for_int_mm", "w8a8_matmul"]
@@ -79,12 +79,31 @@ def w8a8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, *,
     Returns:
         float32 (M, N).
     """
-    from mixq.kernels.act_quant import act_quant
     check_tensor(w_scale, "w_scale", ndim=2)
     n = w_scale.shape[0] if n is None else n
     if w_scale.shape != (n, 1):
         raise ValueError(f"w_scale must have shape ({n}, 1), got {tuple(w_scale.shape)}")
+    return _w8a8_matmul_op(x, w_q, w_scale, bias, n)
+
+
+def _w8a8_matmul_impl(x, w_q, w_scale, bias, n):
+    from mixq.kernels.act_quant import act_quant
+
     x_q, x_scale, _ = act_quant(x, out_format="int8", bits=8)
     y = int8_mm(x_q, w_q, n).float() * w_scale.float().T
     y = y * x_scale.float()
     return y if bias is None else y + bias.float()
+
+
+# One custom op (opaque to torch.compile): inductor would fuse the fp32 epilogue and may contract
+# ``y * x_scale + bias`` into an FMA, so a compiled model would round differently from eager
+# (and a changed last bit can flip an int8 code of the next layer's activations).
+@torch.library.custom_op(op_name("w8a8_matmul"), mutates_args=())
+def _w8a8_matmul_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    return _w8a8_matmul_impl(x, w_q, w_scale, bias, n)
+
+
+@_w8a8_matmul_op.register_fake
+def _(x, w_q, w_scale, bias, n):
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
