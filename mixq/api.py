@@ -17,8 +17,9 @@ left alone (lm_head only with ``quantize_lm_head``), so ``model.generate()`` kee
 Full architecture (`apply_full_architecture`, after every linear is swapped; calibration runs
 with the float attention): ``config.attention`` switches the model to quantized attention
 (`mixq.hf.attention.enable_quantized_attention`), ``config.fuse_norm`` fuses the pre-norms with
-the activation quantization of their W4A4 consumers (`mixq.hf.norm_fusion.fuse_norm_quant`), and
-``config.kv_cache`` is what `make_cache` builds for ``generate(past_key_values=...)``.
+the activation quantization of their W4A4 consumers (`mixq.hf.norm_fusion.fuse_norm_quant`),
+``config.fuse_projections`` computes q/k/v and gate/up each as one GEMM
+(`mixq.hf.projection_fusion.fuse_projections`), and ``config.kv_cache`` is what `make_cache` builds for ``generate(past_key_values=...)``.
 `mixq.io.load_quantized` calls `apply_full_architecture` again (hooks are not saved).
 
 Weight quantizers (GPTQ, AdaRound, clip search) hand their result over through
@@ -45,6 +46,7 @@ from mixq.hf.models import LinearGroup, get_adapter, linear_kind
 from mixq.hf.attention import disable_quantized_attention, enable_quantized_attention
 from mixq.hf.kv_cache import KV4Cache, guard_generate
 from mixq.hf.norm_fusion import fuse_norm_quant
+from mixq.hf.projection_fusion import fuse_projections
 from mixq.nn import QuantLinearBase, RotatedInputLinear, quantize_linear
 
 __all__ = ["quantize", "choose_outliers", "weight_spec_for", "regular_weight", "is_quantized",
@@ -54,6 +56,8 @@ __all__ = ["quantize", "choose_outliers", "weight_spec_for", "regular_weight", "
 CONFIG_ATTR = "mixq_config"
 #: Attribute set when ``config.fuse_norm``: {norm name: "fused -> ..." | "skipped: why"}.
 FUSED_NORMS_ATTR = "mixq_fused_norms"
+#: Attribute set when ``config.fuse_projections``: {stack name: "stacked <- ..." | "skipped: why"}.
+FUSED_PROJECTIONS_ATTR = "mixq_fused_projections"
 
 
 # ------------------------------------------------------------------------------- per-linear pieces
@@ -597,6 +601,9 @@ def apply_full_architecture(model: nn.Module, config: QuantConfig) -> nn.Module:
 
     * ``config.attention``: `mixq.hf.attention.enable_quantized_attention` (attention function
       "mixq", per-module config and cache hooks).
+    * ``config.fuse_projections``: `mixq.hf.projection_fusion.fuse_projections` (non-strict;
+      report in ``model.mixq_fused_projections``), before the norms, so that a fused norm hands
+      its payload to the stacks.
     * ``config.fuse_norm``: `mixq.hf.norm_fusion.fuse_norm_quant` (non-strict); its report goes to
       ``model.mixq_fused_norms``. A warning is issued when no norm could be fused.
 
@@ -612,6 +619,12 @@ def apply_full_architecture(model: nn.Module, config: QuantConfig) -> nn.Module:
     _check_full_architecture(model, config)
     if config.attention is not None:
         enable_quantized_attention(model, config.attention)
+    if config.fuse_projections:
+        report = dict(getattr(model, FUSED_PROJECTIONS_ATTR, None) or {})
+        for name, what in fuse_projections(model).items():
+            if name not in report or what != "skipped: already stacked":
+                report[name] = what
+        setattr(model, FUSED_PROJECTIONS_ATTR, report)
     if config.fuse_norm:
         report = dict(getattr(model, FUSED_NORMS_ATTR, None) or {})
         for name, what in fuse_norm_quant(model).items():   # a second call keeps the first report

@@ -353,6 +353,12 @@ class QuantConfig:
             "w4a4" with 4-bit activations and "row"/"group" weights (the W4A4 kernel path); a
             norm whose consumers cannot share one payload is skipped (see
             ``model.mixq_fused_norms``). Changes speed on CUDA, never the outputs.
+        fuse_projections: compute q/k/v as one GEMM and gate/up as one GEMM per decoder layer
+            (`mixq.hf.projection_fusion.fuse_projections`, after the linears are swapped; any
+            mode whose weights have per-row or per-group scales). A group that cannot be
+            stacked (e.g. another outlier set per linear) is skipped (see
+            ``model.mixq_fused_projections``). State dicts and checkpoints keep the unstacked
+            layout. Changes speed; the outputs are equal up to fp32 rounding on the kernels.
     """
 
     w: "QuantSpec | None | str" = _AUTO
@@ -368,6 +374,7 @@ class QuantConfig:
     attention: AttentionQuantConfig | None = None
     kv_cache: "KVCacheSpec | None" = None
     fuse_norm: bool = False
+    fuse_projections: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -459,7 +466,7 @@ class QuantConfig:
                                  f"w={w.describe()}, a={a.describe()}")
 
     def _check_full_architecture(self) -> None:
-        """attention / kv_cache / fuse_norm: types, and what fusing norms needs."""
+        """attention / kv_cache / fuse_norm / fuse_projections: types, and what fusing norms needs."""
         if self.attention is not None and \
                 not isinstance(self.attention, AttentionQuantConfig):
             raise TypeError(f"QuantConfig.attention must be a mixq.AttentionQuantConfig "
@@ -470,6 +477,9 @@ class QuantConfig:
                             f"got {type(self.kv_cache).__name__}")
         if not isinstance(self.fuse_norm, bool):
             raise TypeError(f"QuantConfig.fuse_norm must be a bool, got {self.fuse_norm!r}")
+        if not isinstance(self.fuse_projections, bool):
+            raise TypeError(f"QuantConfig.fuse_projections must be a bool, got "
+                            f"{self.fuse_projections!r}")
         if self.fuse_norm:
             if self.mode != "w4a4":
                 raise ValueError(f"QuantConfig.fuse_norm needs mode 'w4a4' (the norm feeds int4 "
@@ -505,12 +515,12 @@ class QuantConfig:
                 "quantize_lm_head": self.quantize_lm_head,
                 "attention": _attention_to_dict(self.attention),
                 "kv_cache": None if self.kv_cache is None else self.kv_cache.to_dict(),
-                "fuse_norm": self.fuse_norm}
+                "fuse_norm": self.fuse_norm, "fuse_projections": self.fuse_projections}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         """Inverse of `to_dict`; unknown keys or bad values raise ValueError. Keys missing
-        from `d` (e.g. ``attention``, ``kv_cache``, ``fuse_norm`` in files written before they
+        from `d` (e.g. ``attention``, ``kv_cache``, ``fuse_norm``, ``fuse_projections`` in files written before they
         existed) take their defaults."""
         if not isinstance(d, dict):
             raise ValueError(f"QuantConfig.from_dict needs a dict, got {type(d).__name__}")

@@ -129,6 +129,20 @@ def _module_entry(m: qnn.QuantLinearBase) -> dict:
     return {"class": type(m).__name__, "attrs": attrs, "buffers": buffers}
 
 
+def _module_entries(model: nn.Module) -> dict[str, dict]:
+    """{name: entry} of every quantized linear, in the unstacked layout: a stacked q/k/v or
+    gate/up (`mixq.nn.StackedLinear`) is saved as its members (`StackedPart.as_linear`), whose
+    tensors are what the parts' state_dict holds."""
+    stacked = {id(m.fused) for m in model.modules() if isinstance(m, qnn.StackedLinear)}
+    entries = {}
+    for n, m in model.named_modules():
+        if isinstance(m, qnn.StackedPart):
+            entries[n] = _module_entry(m.as_linear())
+        elif isinstance(m, qnn.QuantLinearBase) and id(m) not in stacked:
+            entries[n] = _module_entry(m)
+    return entries
+
+
 def _empty_module(name: str, entry: dict) -> qnn.QuantLinearBase:
     """An instance of the saved class with its attributes and no tensors yet (local adapter
     until mixq.nn offers a constructor from saved state)."""
@@ -338,8 +352,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *,
             f"{'them' if len(existing) > 1 else 'it'}. Save to another directory, or pass "
             f"overwrite=True to replace {'them' if len(existing) > 1 else 'it'}")
     out.mkdir(parents=True, exist_ok=True)
-    modules = {n: _module_entry(m) for n, m in model.named_modules()
-               if isinstance(m, qnn.QuantLinearBase)}
+    modules = _module_entries(model)
     wrappers = {n: {"in_features": m.in_features, "out_features": m.out_features}
                 for n, m in model.named_modules() if isinstance(m, RotatedInputLinear)}
     tensors: dict[str, torch.Tensor] = {}

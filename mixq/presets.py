@@ -12,7 +12,8 @@ linear's input channels kept in FP16 (ranked by calibration max |x|; ``-o1-salie
 weight magnitude instead and needs no calibration data), then ``+<method>`` for each PTQ method
 applied in order. A name may end in any of the full-architecture steps of `STEPS`, cumulative
 in that order: ``+kv4`` (the 4-bit KV cache of `KV4`), ``+attn`` (the quantized attention
-matmuls of `INT8_ATTENTION`), ``+norm`` (pre-norms fused with the activation quantization).
+matmuls of `INT8_ATTENTION`), ``+norm`` (pre-norms fused with the activation quantization),
+``+fuse`` (q/k/v and gate/up each as one GEMM: ``fuse_projections``).
 
 `PRESETS` is ordered by importance (the accuracy targets first), so a time-capped sweep reports
 the rows that matter most. SmolLM2's weights came as GGUF Q4_1 (asymmetric groups of 32): a
@@ -54,7 +55,7 @@ KV4 = KVCacheSpec(bits=4, group_size=32)
 #: The quantized attention of the "+attn" step: Q, K, V int8 per head and token, P uint8.
 INT8_ATTENTION = AttentionQuantConfig(q_bits=8, k_bits=8, v_bits=8, p_bits=8)
 #: Full-architecture steps a preset name may end in, cumulative in this order.
-STEPS: tuple[str, ...] = ("kv4", "attn", "norm")
+STEPS: tuple[str, ...] = ("kv4", "attn", "norm", "fuse")
 
 
 def _w4(g: int | None) -> QuantSpec:
@@ -123,6 +124,8 @@ def _with_step(config: QuantConfig, step: str) -> QuantConfig:
         return dataclasses.replace(config, kv_cache=KV4)
     if step == "attn":
         return dataclasses.replace(config, attention=INT8_ATTENTION)
+    if step == "fuse":
+        return dataclasses.replace(config, fuse_projections=True)
     return dataclasses.replace(config, fuse_norm=True)
 
 
@@ -138,7 +141,7 @@ def _split(name: str) -> tuple[str, tuple[str, ...]]:
 
 def preset(name: str) -> QuantConfig:
     """The `QuantConfig` named `name`: a key of `PRESETS`, optionally followed by
-    full-architecture steps (``+kv4``, ``+attn``, ``+norm``, in that order).
+    full-architecture steps (``+kv4``, ``+attn``, ``+norm``, ``+fuse``, in that order).
 
     Raises:
         ValueError: unknown name (the message lists the known ones), or steps out of order.

@@ -17,10 +17,12 @@ from mixq.nn import QuantLinearBase, QuantNorm
 transformers = pytest.importorskip("transformers")
 
 #: (preset, model dtype): the W4A16 kernel takes fp16/bf16 activations; W8A8 and W4A4 take fp32
-#: too. "+attn+norm" adds the quantized attention and the fused norm modules.
+#: too. "+attn+norm" adds the quantized attention and the fused norm modules, "+fuse" the stacked
+#: q/k/v and gate/up.
 CASES = [("w8a8", torch.float32), ("w4a16-g128", torch.float16),
          ("w4a4-rtn", torch.float32), ("w4a4-o1-salient", torch.float32),
-         ("w4a4-o1-salient+attn+norm", torch.float32)]
+         ("w4a4-o1-salient+attn+norm", torch.float32), ("w4a4-o1-salient+norm+fuse", torch.float32),
+         ("w4a16-g128+fuse", torch.float16)]
 
 
 def _kernels_on(model, on=True):
@@ -98,7 +100,8 @@ def test_value_checks_off_on_the_hot_path(float_llama):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("name", ["w8a8", "w4a16-g128", "w4a4-o1-salient", "w4a4-o1-salient+attn"])
+@pytest.mark.parametrize("name", ["w8a8", "w4a16-g128", "w4a4-o1-salient", "w4a4-o1-salient+attn",
+                                  "w4a4-o1-salient+fuse", "w4a16-g128+fuse"])
 def test_cuda_graph_replay_equals_eager(float_llama, name):
     model = _quantized(float_llama, name, torch.bfloat16, "cuda")
     ids = torch.randint(1, 500, (2, 16), device="cuda")

@@ -77,7 +77,7 @@ def test_every_tuned_geometry(block_k, group, device, seed):
 
 
 def test_gemm_dispatches_small_m(device, seed, monkeypatch):
-    monkeypatch.setattr(gemv_module, "GEMV_MAX_M", 8)         # opt-in (default 0: off)
+    monkeypatch.setattr(gemv_module, "GEMV_MAX_M", 8)         # (default 1)
     x_q, xs, w, ws, xo, wo, b = _operands(8, 40, 384, 0, 5, False, device)
     calls = []
     real = gemv_module.w4a4_gemv
@@ -87,7 +87,7 @@ def test_gemm_dispatches_small_m(device, seed, monkeypatch):
     x5 = torch.cat([x_q, x_q[:1]])
     w4a4_gemm(x5, torch.cat([xs, xs[:1]]), w, ws, x_out=torch.cat([xo, xo[:1]]), w_out=wo)
     assert calls == [1]               # M > GEMV_MAX_M: the tensor-core kernel
-    monkeypatch.setattr(gemv_module, "GEMV_MAX_M", 0)         # the default: off
+    monkeypatch.setattr(gemv_module, "GEMV_MAX_M", 0)         # off
     w4a4_gemm(x_q[:1], xs[:1], w, ws, x_out=xo[:1], w_out=wo)
     assert calls == [1]
 

@@ -11,6 +11,9 @@ fused (`fuse_norm_quant` reports why).
 Hadamard rotation (`mixq.methods.rotation`): for attn_in / mlp_in it folds the norm weight into
 the linears and wraps them in `mixq.nn.RotatedInputLinear` (an online ``x @ Q``), so their
 input is not the norm output: such groups are skipped.
+
+Stacked projections (`mixq.hf.projection_fusion`): the consumer of a group whose linears are
+`StackedPart` modules is their stack's one module.
 """
 from __future__ import annotations
 
@@ -18,8 +21,20 @@ from torch import nn
 
 from mixq.hf.models import get_adapter
 from mixq.nn.norm import QuantNorm, attach_consumers
+from mixq.nn.stacked import StackedPart
 
 __all__ = ["fuse_norm_quant"]
+
+
+def _consumers(linears) -> list[nn.Module]:
+    """The modules that run the group's GEMMs: a stack (`mixq.hf.projection_fusion`) once for
+    its parts, other linears as they are."""
+    out: list[nn.Module] = []
+    for lin in linears:
+        m = lin.stack.fused if isinstance(lin, StackedPart) else lin
+        if all(m is not o for o in out):
+            out.append(m)
+    return out
 
 
 def fuse_norm_quant(model: nn.Module, *, strict: bool = False) -> dict[str, str]:
@@ -46,12 +61,13 @@ def fuse_norm_quant(model: nn.Module, *, strict: bool = False) -> dict[str, str]
             if isinstance(group.prev_norm, QuantNorm):
                 report[qname] = "skipped: already fused"
                 continue
-            first = group.linears[0]
+            consumers = _consumers(group.linears)
+            first = consumers[0]
             try:
                 qn = QuantNorm.from_norm(group.prev_norm,
                                          outlier_idx=getattr(first, "outlier_idx", None),
                                          bits=getattr(first, "act_bits", 4))
-                attach_consumers(qn, group.linears)
+                attach_consumers(qn, consumers)
             except (TypeError, ValueError) as e:
                 if strict:
                     raise ValueError(f"{qname}: cannot fuse with {group.names}: {e}") from e

@@ -44,7 +44,7 @@ from mixq import outliers as _outliers
 from mixq.reference.norm import NORM_DTYPES, check_norm_args, norm_reference
 from mixq.validation import check_quant_args, check_tensor, hot_path
 
-__all__ = ["QuantNorm", "attach_consumers", "take_prequantized"]
+__all__ = ["QuantNorm", "attach_consumers", "relink_consumers", "take_prequantized"]
 
 _IN_DTYPES = NORM_DTYPES
 _LINK = "_mixq_prequant_norm"      # attribute of a consumer linear: its QuantNorm
@@ -214,6 +214,22 @@ def attach_consumers(norm: QuantNorm, linears) -> None:
     for lin in linears:
         object.__setattr__(lin, _LINK, norm)     # not a registered submodule
         norm._consumer_ids.add(id(lin))
+
+
+def relink_consumers(norm: QuantNorm, old, new: nn.Module) -> None:
+    """Hand `norm`'s payload to `new` instead of the linears `old` (those linked to it), e.g.
+    when `mixq.nn.stacked.StackedLinear` replaces q/k/v by one stacked module. Linears of
+    `old` that were not linked are ignored; `new` is attached only if one of them was (and is
+    checked as by `attach_consumers`)."""
+    if not isinstance(norm, QuantNorm):
+        raise TypeError(f"norm must be a mixq.nn.QuantNorm, got {type(norm).__name__}")
+    linked = [lin for lin in old if lin.__dict__.get(_LINK) is norm]
+    if not linked:
+        return
+    attach_consumers(norm, [new])
+    for lin in linked:
+        norm._consumer_ids.discard(id(lin))
+        lin.__dict__.pop(_LINK, None)
 
 
 def take_prequantized(x: torch.Tensor, linear: nn.Module):
