@@ -29,7 +29,7 @@ from mixq.config import AttentionQuantConfig, KVCacheSpec, QuantConfig, QuantSpe
 from mixq.methods import (AWQ, GPTQ, Clip, LayerwiseQuant, OutlierChannels, Rotation,
                           SmoothQuant)
 
-__all__ = ["Preset", "PRESETS", "STEPS", "KV4", "INT8_ATTENTION", "preset", "preset_names",
+__all__ = ["Preset", "PRESETS", "STEPS", "ALL_STEPS", "KV4", "INT8_ATTENTION", "preset", "preset_names",
            "describe"]
 
 
@@ -54,8 +54,12 @@ class Preset:
 KV4 = KVCacheSpec(bits=4, group_size=32)
 #: The quantized attention of the "+attn" step: Q, K, V int8 per head and token, P uint8.
 INT8_ATTENTION = AttentionQuantConfig(q_bits=8, k_bits=8, v_bits=8, p_bits=8)
-#: Full-architecture steps a preset name may end in, cumulative in this order.
-STEPS: tuple[str, ...] = ("kv4", "attn", "norm", "fuse")
+#: Full-architecture steps that change what the model computes (the accuracy steps of
+#: ``python -m mixq full``), cumulative in this order.
+STEPS: tuple[str, ...] = ("kv4", "attn", "norm")
+#: Every step a preset name may end in, in this order: `STEPS`, then the speed-only ones
+#: ("fuse": q/k/v and gate/up as one GEMM each, same outputs up to fp32 rounding).
+ALL_STEPS: tuple[str, ...] = (*STEPS, "fuse")
 
 
 def _w4(g: int | None) -> QuantSpec:
@@ -133,7 +137,7 @@ def _split(name: str) -> tuple[str, tuple[str, ...]]:
     """``"w4a4-o1+gptq+kv4+attn"`` -> ``("w4a4-o1+gptq", ("kv4", "attn"))``."""
     steps: list[str] = []
     base = name
-    while "+" in base and base.rsplit("+", 1)[1] in STEPS:
+    while "+" in base and base.rsplit("+", 1)[1] in ALL_STEPS:
         base, step = base.rsplit("+", 1)
         steps.insert(0, step)
     return base, tuple(steps)
@@ -151,11 +155,11 @@ def preset(name: str) -> QuantConfig:
     base, steps = _split(name)
     if base not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {preset_names()} (each may end in "
-                         f"+{'+'.join(STEPS)})")
-    order = [STEPS.index(s) for s in steps]
+                         f"+{'+'.join(ALL_STEPS)})")
+    order = [ALL_STEPS.index(s) for s in steps]
     if order != sorted(order) or len(set(order)) != len(order):
         raise ValueError(f"preset {name!r}: full-architecture steps must appear once each, in "
-                         f"the order {STEPS}")
+                         f"the order {ALL_STEPS}")
     config = PRESETS[base].config
     for step in steps:
         config = _with_step(config, step)
