@@ -45,6 +45,10 @@ class LinearStats:
         inputs: float32 (n, K), n <= max_rows rows sampled uniformly without replacement from all
             rows seen (all of them when fewer), in order of arrival.
         hessian: float32 (K, K) ``2/n_tokens * X^T X`` over all rows, or None when not collected.
+        sink_hessian: float32 (K, K) ``2/n_tokens * X_0^T X_0`` over the rows at the first
+            position of each calibration sequence (the attention-sink token), the part of
+            `hessian` they contribute; None when not collected (or inputs had no sequence dim).
+        n_sequences: sequences seen (rows at position 0; 0 for 2-D inputs).
     """
 
     absmax: torch.Tensor
@@ -53,6 +57,8 @@ class LinearStats:
     n_tokens: int
     inputs: torch.Tensor
     hessian: torch.Tensor | None = None
+    sink_hessian: torch.Tensor | None = None
+    n_sequences: int = 0
 
 
 class StatsAccumulator:
@@ -70,16 +76,19 @@ class StatsAccumulator:
         self.k, self.max_rows, self.want_hessian = int(k), max_rows, hessian
         self.gen = generator if generator is not None else torch.Generator().manual_seed(0)
         self.n = 0
-        self.absmax = self.sum_abs = self.sum = self.sum_sq = self.h = None
+        self.absmax = self.sum_abs = self.sum = self.sum_sq = self.h = self.h_sink = None
+        self.n_seq = 0
         self.rows: torch.Tensor | None = None      # (n, K) float32, sampled rows
         self.keys: torch.Tensor | None = None      # (n,) their random keys
         self.order: torch.Tensor | None = None     # (n,) arrival index, to keep rows in order
 
     def update(self, x: torch.Tensor) -> None:
-        """Add rows: x (..., K) float; all leading dims are tokens."""
+        """Add rows: x (..., K) float; all leading dims are tokens. For x (B, T, K) (a layer's
+        input) the rows x[:, 0] are the first token of each sequence (the sink Hessian)."""
         check_tensor(x, "x", dtypes=FLOAT_DTYPES)
         if x.shape[-1] != self.k:
             raise ValueError(f"x must have shape (..., {self.k}), got {tuple(x.shape)}")
+        first = x.detach()[:, 0].reshape(-1, self.k).float() if x.dim() >= 3 else None
         x = x.detach().reshape(-1, self.k).float()
         if self.n == 0:
             z = torch.zeros(self.k, dtype=torch.float64, device=x.device)
@@ -95,6 +104,12 @@ class StatsAccumulator:
         self.sum_sq += (x * x).sum(dim=0, dtype=torch.float64)
         if self.h is not None:
             self.h += x.T @ x
+            if first is not None:
+                if self.h_sink is None:
+                    self.h_sink = torch.zeros_like(self.h)
+                self.h_sink += first.T @ first
+        if first is not None:
+            self.n_seq += first.shape[0]
         if self.max_rows:
             self._sample(x)
         self.n += x.shape[0]
@@ -126,7 +141,9 @@ class StatsAccumulator:
             inputs = self.rows[torch.argsort(self.order)]
         return LinearStats(absmax=self.absmax.clone(), mean_abs=(self.sum_abs / n).float(),
                            std=var.sqrt().float(), n_tokens=n, inputs=inputs,
-                           hessian=None if self.h is None else self.h * (2.0 / n))
+                           hessian=None if self.h is None else self.h * (2.0 / n),
+                           sink_hessian=None if self.h_sink is None else self.h_sink * (2.0 / n),
+                           n_sequences=self.n_seq)
 
 
 # ------------------------------------------------------------------------------- calibration data

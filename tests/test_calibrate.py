@@ -167,3 +167,22 @@ def test_calibration_batches(tok):
         calibration_batches(tok, n_samples=0)
     with pytest.raises(ValueError, match="exceeds"):
         calibration_batches(tok, n_samples=1, seqlen=10 ** 8)
+
+
+def test_accumulator_sink_hessian_is_the_first_positions_part(seed):
+    """For (B, T, K) inputs the rows x[:, 0] (each sequence's first token, the attention sink)
+    give `sink_hessian`, their share of `hessian`; 2-D inputs have no sequence dim."""
+    k = 7
+    a, b = torch.randn(3, 5, k), torch.randn(2, 5, k)
+    acc = StatsAccumulator(k, max_rows=0, hessian=True)
+    acc.update(a)
+    acc.update(b)
+    st = acc.finalize()
+    first = torch.cat([a[:, 0], b[:, 0]]).double()
+    assert st.n_sequences == 5 and st.n_tokens == 25
+    torch.testing.assert_close(st.sink_hessian, (2 / 25 * first.T @ first).float(),
+                               rtol=1e-5, atol=1e-5)
+    flat = StatsAccumulator(k, max_rows=0, hessian=True)
+    flat.update(a.reshape(-1, k))
+    st2 = flat.finalize()
+    assert st2.sink_hessian is None and st2.n_sequences == 0

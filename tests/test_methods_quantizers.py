@@ -88,3 +88,59 @@ def test_two_weight_quantizers_raise():
 def test_bad_configs_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_sink_weight_counts_the_first_token_w_times(seed):
+    """hessian_of(stats, w) = H + (w - 1) H_sink, i.e. the Hessian of a token stream in which
+    every sequence's first row appears w times; "seqlen" is w = T."""
+    from mixq.calibrate import StatsAccumulator
+    from mixq.methods.base import hessian_of
+    k, b, t = 6, 4, 9
+    x = torch.randn(b, t, k)
+    acc = StatsAccumulator(k, max_rows=0, hessian=True)
+    acc.update(x)
+    st = acc.finalize()
+    torch.testing.assert_close(hessian_of(st), st.hessian)
+    rows = x.reshape(-1, k).double()
+    first = x[:, 0].double()
+    for w, w_num in ((3.0, 3.0), ("seqlen", float(t))):
+        want = 2.0 / (b * t) * (rows.T @ rows + (w_num - 1) * first.T @ first)
+        torch.testing.assert_close(hessian_of(st, w), want.float(), rtol=1e-5, atol=1e-5)
+    for bad in (0, -1.0, "first", float("nan")):
+        with pytest.raises(ValueError, match="sink_weight"):
+            GPTQ(sink_weight=bad)
+
+
+def test_gptq_sink_weight_round_trips_in_the_config():
+    from mixq.config import QuantConfig
+    cfg = QuantConfig(mode="w4a16", w=G32, methods=(GPTQ(sink_weight="seqlen"),))
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_rotation_and_smoothing_transform_the_sink_hessian(seed):
+    """rotate_stats (x -> x Q) and the SmoothQuant fold (x -> x / s) give the sink Hessian of the
+    transformed first-token rows, as for the full Hessian."""
+    from types import SimpleNamespace
+
+    from mixq.calibrate import StatsAccumulator
+    from mixq.methods.base import _scale_stats
+    from mixq.methods.rotation import hadamard, rotate_stats
+    k = 8
+    x = torch.randn(3, 5, k)
+    q = hadamard(k, random_signs=True, seed=seed % 1000)
+    s = torch.rand(k) + 0.5
+
+    def stats(t):
+        acc = StatsAccumulator(k, max_rows=100, hessian=True)
+        acc.update(t)
+        return acc.finalize()
+    group = SimpleNamespace(names=("a",))
+    st = stats(x)
+    rotate_stats(SimpleNamespace(stats={"a": st}), group, q)
+    want = stats((x.double() @ q.double()).float())
+    torch.testing.assert_close(st.sink_hessian, want.sink_hessian, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(st.hessian, want.hessian, rtol=1e-4, atol=1e-5)
+    st = stats(x)
+    _scale_stats(SimpleNamespace(stats={"a": st}), group, s)
+    want = stats(x / s)
+    torch.testing.assert_close(st.sink_hessian, want.sink_hessian, rtol=1e-4, atol=1e-5)

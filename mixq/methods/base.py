@@ -195,9 +195,22 @@ def group_inputs(ctx: LayerContext, group) -> torch.Tensor:
     return st.inputs.float()
 
 
-def hessian_of(stats) -> torch.Tensor:
-    """``H = 2/n X^T X`` (K, K) fp32: ``stats.hessian`` if collected, else from ``stats.inputs``."""
+def hessian_of(stats, sink_weight: float | str = 1.0) -> torch.Tensor:
+    """``H = 2/n X^T X`` (K, K) fp32: ``stats.hessian`` if collected, else from ``stats.inputs``.
+
+    `sink_weight` w counts each sequence's first token (the attention sink: every later token
+    attends to its keys and values, yet it is one row of T) w times:
+    ``H + (w - 1) * stats.sink_hessian``. ``"seqlen"`` = T, the mean calibration sequence length
+    (``n_tokens / n_sequences``). w = 1 (default) or stats without a sink Hessian: plain H.
+    """
+    w = sink_weight
+    if w == "seqlen":
+        n_seq = getattr(stats, "n_sequences", 0)
+        w = stats.n_tokens / n_seq if n_seq else 1.0
+    sink = getattr(stats, "sink_hessian", None)
     if getattr(stats, "hessian", None) is not None:
+        if w != 1.0 and sink is not None:
+            return (stats.hessian.double() + (float(w) - 1.0) * sink.double()).float()
         return stats.hessian.float()
     if stats.inputs is None:
         raise ValueError("stats has neither a hessian nor inputs")
@@ -339,8 +352,10 @@ def _scale_stats(ctx: LayerContext, group, s: torch.Tensor) -> None:  # noqa: D4
         st.std = st.std / sf
         if st.inputs is not None:
             st.inputs = st.inputs / sf.to(st.inputs.device)
-        if getattr(st, "hessian", None) is not None:
-            st.hessian = st.hessian / (sf[:, None] * sf[None, :]).to(st.hessian.device)
+        for name in ("hessian", "sink_hessian"):
+            h = getattr(st, name, None)
+            if h is not None:
+                setattr(st, name, h / (sf[:, None] * sf[None, :]).to(h.device))
 
 
 def fold_norm_into_linears(group) -> None:

@@ -77,12 +77,14 @@ def hadamard(n: int, *, seed: int = 0, random_signs: bool = False) -> torch.Tens
 
 
 def rotate_stats(ctx: LayerContext, group, q: torch.Tensor) -> None:
-    """Stats of the inputs x Q: inputs @ Q, hessian Q^T H Q; absmax / mean_abs / std recomputed
+    """Stats of the inputs x Q: inputs @ Q, hessian (and sink_hessian) Q^T H Q; absmax / mean_abs / std recomputed
     from the stored input rows (left as they were when no rows are stored)."""
     for st in _unique_stats(ctx, group):
-        if getattr(st, "hessian", None) is not None:
-            qd = q.to(st.hessian.device).double()
-            st.hessian = (qd.T @ st.hessian.double() @ qd).float()
+        for name in ("hessian", "sink_hessian"):
+            h = getattr(st, name, None)
+            if h is not None:
+                qd = q.to(h.device).double()
+                setattr(st, name, (qd.T @ h.double() @ qd).float())
         if st.inputs is not None:
             st.inputs = (st.inputs.double() @ q.to(st.inputs.device).double()).float()
             st.absmax = st.inputs.abs().amax(0)
