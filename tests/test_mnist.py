@@ -181,3 +181,18 @@ def test_smoke_pipeline(tmp_path):
     assert (tmp_path / "f.png").stat().st_size > 1000
     table = pipeline.format_table(rows)
     assert all(r["label"] in table for r in rows) and len(table.splitlines()) == len(rows) + 2
+
+
+def test_accuracy_plot_leaves_the_matplotlib_backend_alone(tmp_path, monkeypatch):
+    """The plot draws on a Figure: it must not call matplotlib.use (a notebook's inline backend
+    would stop showing figures) and still writes the PNG."""
+    matplotlib = pytest.importorskip("matplotlib")
+    calls = []
+    monkeypatch.setattr(matplotlib, "use", lambda *a, **k: calls.append(a))
+    rows = [{"mode": "FP32", "accuracy": 0.98, "outlier_frac": 0.0, "weight_spec": "-"},
+            {"mode": "W4A4", "accuracy": 0.90, "outlier_frac": 0.0, "weight_spec": "tile",
+             "logit_sqnr_db": 10.0},
+            {"mode": "W4A4", "accuracy": 0.97, "outlier_frac": 0.05, "weight_spec": "tile",
+             "logit_sqnr_db": 20.0}]
+    out = pipeline.plot_accuracy_vs_outliers(rows, tmp_path / "p.png")
+    assert calls == [] and out.stat().st_size > 1000

@@ -216,16 +216,16 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_accuracy_vs_outliers(rows: list[dict], path: str | Path) -> Path:
-    """Plot W4A4 against the outlier fraction and save a PNG to `path` (Agg backend).
+    """Plot W4A4 against the outlier fraction and save a PNG to `path`.
+
+    Drawn on a `matplotlib.figure.Figure` (no pyplot, no backend switch), so a notebook that
+    calls this keeps its inline backend and its own ``plt.show()``.
 
     Panels: accuracy of the trained model (FP32 and W4A4-RTN as horizontal lines, one line per
     weight spec); accuracy of the injected-outlier model (if its rows are present); logit SQNR
     vs FP32 for every series. Parents of `path` are created. Returns the path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
     path = Path(path)
@@ -233,7 +233,8 @@ def plot_accuracy_vs_outliers(rows: list[dict], path: str | Path) -> Path:
     w4 = [r for r in rows if r["mode"] == "W4A4"]
     models = list(dict.fromkeys(r.get("model", "trained") for r in rows))
     series = list(dict.fromkeys((r.get("model", "trained"), r["weight_spec"]) for r in w4))
-    fig, axes = plt.subplots(1, len(models) + 1, figsize=(5.2 * (len(models) + 1), 4.3))
+    fig = Figure(figsize=(5.2 * (len(models) + 1), 4.3))
+    axes = fig.subplots(1, len(models) + 1)
     ax_sq = axes[-1]
     for ax, model in zip(axes, models):
         fp32 = next(r for r in rows if r["mode"] == "FP32" and r.get("model", "trained") == model)
@@ -273,7 +274,6 @@ def plot_accuracy_vs_outliers(rows: list[dict], path: str | Path) -> Path:
     fig.suptitle("MNIST 784-512-256-10 MLP: W4A4 with static FP16 outlier channels")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
