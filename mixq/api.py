@@ -19,7 +19,8 @@ with the float attention): ``config.attention`` switches the model to quantized 
 (`mixq.hf.attention.enable_quantized_attention`), ``config.fuse_norm`` fuses the pre-norms with
 the activation quantization of their W4A4 consumers (`mixq.hf.norm_fusion.fuse_norm_quant`),
 ``config.fuse_projections`` computes q/k/v and gate/up each as one GEMM
-(`mixq.hf.projection_fusion.fuse_projections`), and ``config.kv_cache`` is what `make_cache` builds for ``generate(past_key_values=...)``.
+(`mixq.hf.projection_fusion.fuse_projections`), and ``config.kv_cache`` is what `make_cache`
+builds for ``generate(past_key_values=...)``.
 `mixq.io.load_quantized` calls `apply_full_architecture` again (hooks are not saved).
 
 Weight quantizers (GPTQ, AdaRound, clip search) hand their result over through
@@ -596,6 +597,17 @@ def _check_full_architecture(model: nn.Module, config: QuantConfig) -> None:
                         f"set_attn_implementation), got {type(model).__name__}")
 
 
+def _merge_report(model: nn.Module, attr: str, new: dict[str, str], again: str) -> dict:
+    """Merge a fusion pass's report `new` into ``model.<attr>`` and return it: a second call
+    keeps the first entry where it now only says `again` (e.g. "skipped: already fused")."""
+    report = dict(getattr(model, attr, None) or {})
+    for name, what in new.items():
+        if name not in report or what != again:
+            report[name] = what
+    setattr(model, attr, report)
+    return report
+
+
 def apply_full_architecture(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Switch on the parts of `config` beyond the linears, in place; returns `model`.
 
@@ -620,17 +632,11 @@ def apply_full_architecture(model: nn.Module, config: QuantConfig) -> nn.Module:
     if config.attention is not None:
         enable_quantized_attention(model, config.attention)
     if config.fuse_projections:
-        report = dict(getattr(model, FUSED_PROJECTIONS_ATTR, None) or {})
-        for name, what in fuse_projections(model).items():
-            if name not in report or what != "skipped: already stacked":
-                report[name] = what
-        setattr(model, FUSED_PROJECTIONS_ATTR, report)
+        _merge_report(model, FUSED_PROJECTIONS_ATTR, fuse_projections(model),
+                      "skipped: already stacked")
     if config.fuse_norm:
-        report = dict(getattr(model, FUSED_NORMS_ATTR, None) or {})
-        for name, what in fuse_norm_quant(model).items():   # a second call keeps the first report
-            if name not in report or what != "skipped: already fused":
-                report[name] = what
-        setattr(model, FUSED_NORMS_ATTR, report)
+        report = _merge_report(model, FUSED_NORMS_ATTR, fuse_norm_quant(model),
+                               "skipped: already fused")
         if report and not any(v.startswith("fused") for v in report.values()):
             name, why = next(iter(report.items()))
             warnings.warn(f"config.fuse_norm: no norm could be fused (e.g. {name}: {why})",

@@ -66,8 +66,8 @@ Environment knobs: ``MIXQ_NO_AUTOTUNE=1`` (first config only, for fast CUDA test
 ``MIXQ_W4A4_PERSISTENT=0`` (drop persistent configs).
 
 Small M (decode) is bound by reading weights, not by math: `w4a4_gemm` can send M <=
-`mixq.kernels.w4a4_gemv.GEMV_MAX_M` tokens (default 1, env ``MIXQ_W4A4_GEMV_MAX_M``; measured on the H100, see
-that constant) to the CUDA-core kernel of
+`mixq.kernels.w4a4_gemv.GEMV_MAX_M` tokens (default 1, env ``MIXQ_W4A4_GEMV_MAX_M``;
+measured on the H100, see that constant) to the CUDA-core kernel of
 `mixq.kernels.w4a4_gemv` (few weight rows per program, wide loads, same operands and weights,
 the same result before the outlier term); `mixq.kernels.w4a4_decode` fuses the activation
 quantization into this kernel's main loop (off by default in `mixq.nn.W4A4Linear`).

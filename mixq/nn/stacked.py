@@ -41,6 +41,7 @@ from torch import nn
 
 from mixq.nn.linear import (DERIVED_BUFFERS, FP16Linear, QuantLinearBase, W4A4Linear, W4A16Linear,
                             W8A8Linear)
+from mixq.nn.norm import _version
 
 __all__ = ["ROW_BUFFERS", "StackedLinear", "StackedPart", "stack_problem"]
 
@@ -113,18 +114,23 @@ def stack_problem(linears: Sequence[nn.Module]) -> str | None:
     return None
 
 
+def _empty_like(template: QuantLinearBase, out_features: int) -> QuantLinearBase:
+    """A module of `template`'s class with its attributes, `out_features` rows and no tensors."""
+    m = type(template).__new__(type(template))
+    nn.Module.__init__(m)
+    for k, v in _public_attrs(template).items():
+        setattr(m, k, v)
+    m.out_features = int(out_features)
+    return m
+
+
 def _stacked_module(linears: list[QuantLinearBase]) -> QuantLinearBase:
     """A module of the members' class whose row buffers are theirs concatenated along N.
 
     Its buffers are all non-persistent: the parts save and load them (`StackedPart`)."""
     first = linears[0]
-    cls = type(first)
-    fused = cls.__new__(cls)
-    nn.Module.__init__(fused)
-    for k, v in _public_attrs(first).items():
-        setattr(fused, k, v)
-    fused.out_features = sum(int(m.out_features) for m in linears)
-    rows = ROW_BUFFERS[cls]
+    fused = _empty_like(first, sum(int(m.out_features) for m in linears))
+    rows = ROW_BUFFERS[type(first)]
     for name in _persistent(first):
         t = first._buffers[name]
         if t is not None and name in rows:
@@ -199,10 +205,6 @@ class StackedLinear(nn.Module):
         return f"members={self.member_names}, splits={self.splits}"
 
 
-def _version(t: torch.Tensor) -> int | None:
-    return None if t.is_inference() else t._version
-
-
 class StackedPart(nn.Module):
     """Member `index` of a `StackedLinear`, in the member's place (same call, same shapes).
 
@@ -238,12 +240,7 @@ class StackedPart(nn.Module):
     def as_linear(self) -> QuantLinearBase:
         """The member as a module of its class whose buffers are views of the stacked ones
         (no copy; for saving and inspection: writing into it writes into the stack)."""
-        fused = self.stack.fused
-        m = type(fused).__new__(type(fused))
-        nn.Module.__init__(m)
-        for k, v in _public_attrs(fused).items():
-            setattr(m, k, v)
-        m.out_features = self.out_features
+        m = _empty_like(self.stack.fused, self.out_features)
         for name in self.stack._buffer_names:
             m.register_buffer(name, self.member_buffer(name))
         if isinstance(m, W4A4Linear):
